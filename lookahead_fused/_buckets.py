@@ -1,0 +1,164 @@
+"""Buckets: the parameters of one group on one device with one dtype, their state flat.
+
+A bucket owns its optimizer state as flat contiguous buffers, one per state entry
+(`exp_avg`, `exp_avg_sq`, `max_exp_avg_sq`, `momentum_buffer`, `slow_weights`, the
+pullback caches) plus two fp32 counter vectors (`step` and `lookahead_step`, one slot per
+parameter). `optimizer.state[p]` holds views of these buffers, so the per-parameter
+`state_dict()` of torch.optim and the one-pass-per-bucket kernels see the same memory.
+
+A view has the parameter's shape and strides (channels-last included) whenever the
+parameter is dense, so state element i sits beside parameter element i in memory order
+and a kernel can walk both linearly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+# State entries that are counters (fp32 scalars), not tensors shaped like the parameter.
+COUNTER_KEYS = ("step", "lookahead_step")
+
+
+def is_dense(t: Tensor) -> bool:
+    """True when t's elements fill exactly numel() consecutive slots of its storage (any order)."""
+    dims = sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _view(flat: Tensor, offset: int, like: Tensor) -> Tensor:
+    """A view of flat[offset : offset + like.numel()] with like's shape (and strides if dense)."""
+    if is_dense(like):
+        return flat.as_strided(like.shape, like.stride(), flat.storage_offset() + offset)
+    return flat[offset : offset + like.numel()].view(like.shape)
+
+
+def state_keys(kind: str, group: dict[str, Any]) -> list[str]:
+    """The parameter-shaped state entries a group needs, besides the slow weights."""
+    if kind == "sgd":
+        keys = ["momentum_buffer"] if group["momentum"] != 0 else []
+    else:
+        keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
+    momentum = reference.MOMENTUM_KEY[kind]
+    if group["inner_state"] == "pullback" and momentum in keys:
+        keys.append("cached_" + momentum)
+    return keys
+
+
+def default_dtypes(param_dtype: torch.dtype, group: dict[str, Any]) -> tuple[torch.dtype, torch.dtype]:
+    """(state dtype, slow-weight dtype): fp32 for bf16/fp16 parameters unless overridden."""
+    low = param_dtype in (torch.bfloat16, torch.float16)
+    default = torch.float32 if low else param_dtype
+    return (group.get("state_dtype") or default, group.get("slow_dtype") or default)
+
+
+@dataclass
+class Bucket:
+    params: list[Tensor]
+    offsets: list[int]
+    numel: int
+    device: torch.device
+    dtype: torch.dtype
+    state_dtype: torch.dtype
+    slow_dtype: torch.dtype
+    flat: dict[str, Tensor]  # state key -> flat buffer ("step" and "lookahead_step" of length n)
+    views: list[dict[str, Tensor]]  # per parameter: the dict that is optimizer.state[p]
+    # The group's lookahead counter as the host knows it; None after a step whose sync
+    # decision was made on the device (GradScaler's found_inf, capturable).
+    host_count: int | None = None
+    backend_cache: dict[str, Any] = field(default_factory=dict)
+
+    def grads(self, who: str) -> list[Tensor | None]:
+        """The parameters' gradients, checked before any backend touches them."""
+        out: list[Tensor | None] = []
+        for p in self.params:
+            g = p.grad
+            if g is not None:
+                if g.is_sparse:
+                    raise RuntimeError(f"{who} does not support sparse gradients")
+                if g.shape != p.shape:
+                    raise RuntimeError(f"{who}: gradient of shape {tuple(g.shape)} for a parameter of shape {tuple(p.shape)}")
+                if g.device != p.device:
+                    raise RuntimeError(f"{who}: gradient on {g.device} for a parameter on {p.device}")
+                if g.is_complex() or not g.is_floating_point():
+                    raise RuntimeError(f"{who} does not support gradients of dtype {g.dtype}")
+            out.append(g)
+        return out
+
+    def is_stale(self, params: list[Tensor]) -> bool:
+        """True when the bucket no longer describes these parameters (dtype or device changed)."""
+        return any(p.dtype != self.dtype or p.device != self.device for p in params)
+
+
+def build_buckets(kind: str, group: dict[str, Any], state: dict[Tensor, dict[str, Any]]) -> list[Bucket]:
+    """Group a param group's parameters by (device, dtype) and move their state into flat
+    buffers. Existing per-parameter state (a previous bucket's views, a loaded checkpoint, a
+    plain torch.optim state dict) is copied in; what is missing starts fresh (φ ← θ)."""
+    by_key: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    seen: set[int] = set()
+    for p in group["params"]:
+        if id(p) not in seen:  # a parameter listed twice (tied weights) is updated once
+            seen.add(id(p))
+            by_key.setdefault((p.device, p.dtype), []).append(p)
+
+    # The group's lookahead counter: every parameter holds the same value; a checkpoint from
+    # torch.optim has none and starts the cycle at 0.
+    count = 0.0
+    for p in group["params"]:
+        saved = state.get(p, {}).get("lookahead_step")
+        if saved is not None:
+            count = float(saved)
+            break
+
+    keys = state_keys(kind, group)
+    buckets = []
+    for (device, dtype), params in by_key.items():
+        sdt, pdt = default_dtypes(dtype, group)
+        offsets, total = [], 0
+        for p in params:
+            offsets.append(total)
+            total += p.numel()
+        flat = {key: torch.zeros(total, dtype=sdt, device=device) for key in keys}
+        flat["slow_weights"] = torch.empty(total, dtype=pdt, device=device)
+        flat["step"] = torch.zeros(len(params), dtype=torch.float32, device=device)
+        flat["lookahead_step"] = torch.full((len(params),), count, dtype=torch.float32, device=device)
+
+        views = []
+        for i, (p, off) in enumerate(zip(params, offsets)):
+            old = state.get(p, {})
+            view = {key: _view(flat[key], off, p) for key in keys}
+            view["slow_weights"] = _view(flat["slow_weights"], off, p)
+            view["step"] = flat["step"][i]
+            view["lookahead_step"] = flat["lookahead_step"][i]
+            for key in (*keys, "slow_weights"):
+                value = old.get(key)
+                if value is None:
+                    if key == "slow_weights":
+                        value = p.detach()  # φ ← θ
+                    else:
+                        continue
+                if value.numel() != p.numel():
+                    raise ValueError(
+                        f"state '{key}' has {value.numel()} elements for a parameter of shape {tuple(p.shape)}"
+                    )
+                view[key].copy_(value.reshape(p.shape))
+            if "step" in old:
+                view["step"].fill_(float(old["step"]))
+            elif kind == "sgd" and old.get("momentum_buffer") is not None:
+                view["step"].fill_(1.0)  # torch.optim.SGD's buffer exists: it is initialised
+            views.append(view)
+            state[p] = view
+        buckets.append(
+            Bucket(params, offsets, total, device, dtype, sdt, pdt, flat, views, host_count=int(count))
+        )
+    return buckets

@@ -1,0 +1,71 @@
+"""The one place that maps a backend name to the function that steps a parameter group.
+
+A backend is a module with two functions:
+
+    unavailable(device: torch.device) -> str | None
+        why the backend cannot run on this device, or None when it can;
+    step(kind, group, buckets, grads, grad_scale, found_inf) -> None
+        one Lookahead step of one parameter group: the inner update of every bucket
+        (kind is "sgd", "adam" or "adamw"), the counters, and the sync on sync steps.
+        grads[i] is the list of gradients of buckets[i] (None where a parameter has none),
+        already checked by the front-end. grad_scale / found_inf follow GradScaler's contract.
+
+`backend="auto"` takes the first usable name of AUTO_ORDER for the parameters' device type.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+# name -> module implementing it. Later backends ("cpu", "triton", "cuda", "cuda_emulated")
+# register here and nowhere else.
+_MODULES = {
+    "eager": "lookahead_fused.backends.eager",
+    "foreach": "lookahead_fused.backends.foreach",
+}
+
+# What "auto" prefers, fastest first, per device type; "foreach" runs anywhere.
+AUTO_ORDER = {
+    "cuda": ("cuda", "triton", "foreach"),
+    "cpu": ("cpu", "foreach"),
+}
+_AUTO_FALLBACK = ("foreach",)
+
+NAMES = tuple(_MODULES)
+
+
+def get(name: str) -> ModuleType:
+    if name not in _MODULES:
+        raise ValueError(f"Invalid backend: {name!r} (choose from 'auto', {', '.join(map(repr, NAMES))})")
+    return importlib.import_module(_MODULES[name])
+
+
+def unavailable(name: str, device: torch.device) -> str | None:
+    """Why backend `name` cannot run on `device`, or None when it can."""
+    if name not in _MODULES:
+        return "not part of this build"
+    try:
+        return get(name).unavailable(device)
+    except ImportError as e:  # a backend whose dependencies are missing is simply unavailable
+        return f"import failed: {e}"
+
+
+def resolve(requested: str, devices: set[torch.device]) -> str:
+    """The backend to use for parameters on `devices`: the requested one after checking it
+    can run there, or the fastest usable one for "auto"."""
+    if requested != "auto":
+        get(requested)  # unknown names fail here with the list of valid ones
+        for device in devices:
+            why = unavailable(requested, device)
+            if why is not None:
+                raise RuntimeError(f"backend {requested!r} cannot run on {device}: {why}")
+        return requested
+    device_types = {d.type for d in devices} or {"cpu"}
+    candidates = AUTO_ORDER.get(next(iter(device_types)), _AUTO_FALLBACK) if len(device_types) == 1 else _AUTO_FALLBACK
+    for name in candidates:
+        if all(unavailable(name, d) is None for d in devices):
+            return name
+    raise RuntimeError(f"no backend can run on {sorted(map(str, devices))}")

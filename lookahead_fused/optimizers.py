@@ -1,0 +1,295 @@
+"""LookaheadSGD, LookaheadAdam, LookaheadAdamW: torch.optim front-ends over the backends.
+
+The classes validate hyperparameters, group parameters into buckets (param group, device,
+dtype) with flat state, and hand each group to one backend's step function. Everything
+numeric happens in the backend; the semantics are those of `lookahead_fused.reference`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import backends
+from ._buckets import Bucket, build_buckets
+
+INNER_STATES = ("maintain", "reset", "pullback")
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _check_lookahead(group: dict[str, Any]) -> None:
+    k = group["k"]
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"Invalid k: {k!r} (a positive int)")
+    alpha = group["alpha"]
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"Invalid alpha: {alpha} (0 < alpha <= 1)")
+    if group["inner_state"] not in INNER_STATES:
+        raise ValueError(f"Invalid inner_state: {group['inner_state']!r} (choose from {', '.join(map(repr, INNER_STATES))})")
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        lr = lr.item()
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= group["weight_decay"]:
+        raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
+    for key in ("state_dtype", "slow_dtype"):
+        if group.get(key) is not None and group[key] not in _FLOAT_DTYPES:
+            raise ValueError(f"Invalid {key}: {group[key]} (a floating dtype: float32, float64, bfloat16, float16)")
+
+
+class _LookaheadOptimizer(Optimizer):
+    """Shared machinery. Subclasses set `_kind` and validate their own hyperparameters."""
+
+    _kind: str  # "sgd" | "adam" | "adamw": which inner update the backends apply
+
+    def __init__(self, params: Any, defaults: dict[str, Any], backend: str) -> None:
+        if backend != "auto":
+            backends.get(backend)  # an unknown name fails before anything else
+        self._backend_request = backend
+        self._group_buckets: list[list[Bucket] | None] = []
+        self._in_slow_weights = False
+        super().__init__(params, defaults)
+        # GradScaler's contract (as torch's fused optimizers): it hands us grad_scale and
+        # found_inf as device tensors instead of unscaling and syncing itself.
+        self._step_supports_amp_scaling = True
+        self._backend = backends.resolve(backend, self._devices())
+
+    # -- torch.optim plumbing ------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_lookahead(group)
+        self._check_group(group)
+        for p in group["params"]:
+            if not (p.is_floating_point() and p.dtype in _FLOAT_DTYPES):
+                raise ValueError(f"{type(self).__name__} supports floating-point parameters only, got {p.dtype}")
+        if hasattr(self, "_backend"):  # a group added after construction may bring a new device
+            self._backend = backends.resolve(self._backend_request, self._devices())
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_backend_request"] = self._backend_request
+        state["_backend"] = self._backend
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # Buckets are rebuilt from the per-parameter state at the next step.
+        self._group_buckets = []
+        self._in_slow_weights = False
+
+    @property
+    def backend(self) -> str:
+        """The backend actually in use ("eager", "foreach", ...)."""
+        return self._backend
+
+    def _devices(self) -> set[torch.device]:
+        return {p.device for g in self.param_groups for p in g["params"]}
+
+    def _buckets(self, index: int) -> list[Bucket]:
+        """The buckets of param group `index`, (re)built when the group changed: new
+        parameters, a parameter whose dtype or device changed, state loaded from a checkpoint."""
+        while len(self._group_buckets) < len(self.param_groups):
+            self._group_buckets.append(None)
+        group = self.param_groups[index]
+        buckets = self._group_buckets[index]
+        if buckets is not None:
+            listed = [p for b in buckets for p in b.params]
+            unique = list({id(p): p for p in group["params"]}.values())
+            if len(listed) != len(unique) or any(a is not b for a, b in zip(listed, unique)):
+                buckets = None
+            elif any(b.is_stale(b.params) for b in buckets):
+                buckets = None
+        if buckets is None:
+            buckets = build_buckets(self._kind, group, self.state)
+            self._group_buckets[index] = buckets
+            self._backend = backends.resolve(self._backend_request, self._devices())
+        return buckets
+
+    # -- the step -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        """One Lookahead step: the inner update, and on every k-th step the sync."""
+        if self._in_slow_weights:
+            raise RuntimeError("step() inside `with optimizer.slow_weights():` (the parameters hold the slow weights)")
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
+        found_inf: Tensor | None = getattr(self, "found_inf", None)
+        step_group = backends.get(self._backend).step
+        who = type(self).__name__
+        for index, group in enumerate(self.param_groups):
+            if not group["params"]:
+                continue
+            buckets = self._buckets(index)
+            grads = [b.grads(who) for b in buckets]
+            step_group(self._kind, group, buckets, grads, grad_scale, found_inf)
+        return loss
+
+    # -- state ----------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint of this class, or of the matching torch.optim optimizer (the
+        slow weights then start from the current parameters). State keeps its saved dtype
+        (torch.optim would cast it to the parameter's dtype, losing fp32 state of bf16 models)."""
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        id_map = {}
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            id_map.update(zip(saved_group["params"], group["params"]))
+        for pid, values in saved_state.items():
+            p = id_map.get(pid)
+            if p is None:
+                continue
+            self.state[p] = {
+                key: (v.to(device=p.device, copy=True) if isinstance(v, Tensor) else v)
+                for key, v in values.items()
+                if v is not None
+            }
+        for group in self.param_groups:
+            _check_lookahead(group)
+            self._check_group(group)
+        self._group_buckets = []  # rebuilt, and the loaded state copied in, at the next step
+
+    @contextlib.contextmanager
+    def slow_weights(self) -> Iterator[None]:
+        """Put the slow weights φ into the parameters for the body of the `with`, then put the
+        fast weights back. Where φ has the parameter's dtype and layout the two are swapped
+        by reference (`param.data`), with no copy; otherwise (fp32 φ of a bf16 parameter)
+        the fast weights wait in a temporary copy in the parameter's dtype."""
+        if self._in_slow_weights:
+            raise RuntimeError("slow_weights() is already active")
+        swapped: list[tuple[Tensor, Tensor, bool]] = []
+        self._in_slow_weights = True
+        try:
+            for index, group in enumerate(self.param_groups):
+                if not group["params"] or not any(p in self.state for p in group["params"]):
+                    continue  # no step taken yet: φ = θ
+                for b in self._buckets(index):
+                    for p, view in zip(b.params, b.views):
+                        slow = view["slow_weights"]
+                        if slow.dtype == p.dtype and slow.stride() == p.stride():
+                            swapped.append((p, p.data, True))
+                            p.data = slow
+                        else:
+                            swapped.append((p, p.detach().clone(), False))
+                            p.copy_(slow)
+            yield
+        finally:
+            with torch.no_grad():
+                for p, fast, by_reference in reversed(swapped):
+                    if by_reference:
+                        p.data = fast
+                    else:
+                        p.copy_(fast)
+            self._in_slow_weights = False
+
+
+class LookaheadSGD(_LookaheadOptimizer):
+    """Lookahead around torch.optim.SGD, fused: `step()` does the SGD update and, every k
+    steps, φ ← φ + α(θ − φ), θ ← φ. See `lookahead_fused.reference` for the exact math."""
+
+    _kind = "sgd"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        k: int = 5,
+        alpha: float = 0.5,
+        inner_state: str = "maintain",
+        state_dtype: torch.dtype | None = None,
+        slow_dtype: torch.dtype | None = None,
+        capturable: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            nesterov=nesterov, maximize=maximize, k=k, alpha=alpha, inner_state=inner_state,
+            state_dtype=state_dtype, slow_dtype=slow_dtype, capturable=capturable,
+        )  # fmt: skip
+        super().__init__(params, defaults, backend)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        if not 0.0 <= group["momentum"]:
+            raise ValueError(f"Invalid momentum value: {group['momentum']}")
+        if not 0.0 <= group["dampening"]:
+            raise ValueError(f"Invalid dampening value: {group['dampening']}")
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+
+class LookaheadAdam(_LookaheadOptimizer):
+    """Lookahead around torch.optim.Adam (L2 weight decay), fused: `step()` does the Adam
+    update and, every k steps, the sync. `adaptive_alpha=True` picks α per group at each
+    sync (paper §2.1), clipped to [alpha_low, 1]. See `lookahead_fused.reference`."""
+
+    _kind = "adam"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        k: int = 5,
+        alpha: float = 0.5,
+        inner_state: str = "maintain",
+        adaptive_alpha: bool = False,
+        alpha_low: float = 0.1,
+        state_dtype: torch.dtype | None = None,
+        slow_dtype: torch.dtype | None = None,
+        capturable: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            maximize=maximize, k=k, alpha=alpha, inner_state=inner_state,
+            adaptive_alpha=adaptive_alpha, alpha_low=alpha_low, state_dtype=state_dtype,
+            slow_dtype=slow_dtype, capturable=capturable,
+        )  # fmt: skip
+        super().__init__(params, defaults, backend)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        if not 0.0 <= group["eps"]:
+            raise ValueError(f"Invalid epsilon value: {group['eps']}")
+        for i, beta in enumerate(group["betas"]):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+        if not 0.0 < group["alpha_low"] <= 1.0:
+            raise ValueError(f"Invalid alpha_low: {group['alpha_low']} (0 < alpha_low <= 1)")
+
+
+class LookaheadAdamW(LookaheadAdam):
+    """LookaheadAdam with decoupled weight decay (torch.optim.AdamW), default 1e-2."""
+
+    _kind = "adamw"
+
+    def __init__(self, params: Iterable[Any], lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, **kwargs: Any) -> None:  # fmt: skip
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)

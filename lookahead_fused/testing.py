@@ -1,0 +1,214 @@
+"""What the tests and `python -m lookahead_fused check` share: the variant matrix, the
+tolerances (stated here once), and a runner that steps a backend and the reference side by
+side on the same inputs and reports the largest differences.
+
+Tolerances are per parameter dtype and apply to every compared tensor after every step:
+    fp32  atol 1e-6, rtol 1e-5: backends differ from the reference only in the order of
+          fp32 operations (a few ulps per step);
+    fp64  atol 1e-12, rtol 1e-10;
+    bf16  atol 1e-2, rtol 1.6e-2 (two bf16 ulps): the fp32 math agrees to a few fp32 ulps,
+          but the parameter is rounded to bf16 after every step, and a difference of one fp32
+          ulp can round to the neighbouring bf16 value; the fp32 state then sees that
+          parameter through weight decay and the sync;
+    fp16  atol 1e-3, rtol 2e-3 (four fp16 ulps), for the same reason.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .optimizers import LookaheadAdam, LookaheadAdamW, LookaheadSGD
+
+TOLERANCES: dict[torch.dtype, dict[str, float]] = {
+    torch.float32: dict(atol=1e-6, rtol=1e-5),
+    torch.float64: dict(atol=1e-12, rtol=1e-10),
+    torch.bfloat16: dict(atol=1e-2, rtol=1.6e-2),
+    torch.float16: dict(atol=1e-3, rtol=2e-3),
+}
+
+CLASSES = {"sgd": LookaheadSGD, "adam": LookaheadAdam, "adamw": LookaheadAdamW}
+
+
+@dataclass(frozen=True)
+class Variant:
+    kind: str  # "sgd" | "adam" | "adamw"
+    options: tuple[tuple[str, Any], ...] = ()  # constructor keyword arguments
+    groups: int = 1  # >1: the parameters split in groups with their own k and alpha
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.options)
+
+    @property
+    def name(self) -> str:
+        opts = ",".join(f"{k}={v}" for k, v in self.options)
+        return f"{self.kind}({opts})" + (f"x{self.groups}groups" if self.groups > 1 else "")
+
+
+def _v(kind: str, groups: int = 1, **options: Any) -> Variant:
+    return Variant(kind, tuple(sorted(options.items())), groups)
+
+
+def variants() -> list[Variant]:
+    """Every flag of every inner optimizer at least once, each with the three inner_state
+    policies, plus adaptive α and per-group k/alpha."""
+    inner = [
+        _v("sgd", lr=0.05),
+        _v("sgd", lr=0.05, momentum=0.9),
+        _v("sgd", lr=0.05, momentum=0.9, dampening=0.3, weight_decay=0.01),
+        _v("sgd", lr=0.05, momentum=0.8, nesterov=True, maximize=True),
+        _v("sgd", lr=0.05, weight_decay=0.1, maximize=True),
+        _v("adam", lr=0.01),
+        _v("adam", lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05, amsgrad=True),
+        _v("adam", lr=0.01, maximize=True, weight_decay=0.01),
+        _v("adamw", lr=0.01),
+        _v("adamw", lr=0.01, weight_decay=0.1, amsgrad=True, maximize=True),
+    ]
+    out = []
+    for v, inner_state in itertools.product(inner, ("maintain", "reset", "pullback")):
+        out.append(Variant(v.kind, tuple(sorted({**v.kwargs, "inner_state": inner_state}.items()))))
+    out.append(_v("adam", lr=0.01, adaptive_alpha=True, alpha_low=0.2))
+    out.append(_v("adamw", lr=0.01, adaptive_alpha=True, amsgrad=True, inner_state="pullback"))
+    out.append(_v("sgd", groups=2, lr=0.05, momentum=0.9))
+    out.append(_v("adam", groups=2, lr=0.01, inner_state="pullback"))
+    return out
+
+
+# Shapes that exercise the bucket walk: matrices, a vector, a 0-dim scalar, an empty tensor,
+# an odd size, and a channels-last convolution weight.
+SHAPES: list[tuple[int, ...]] = [(7, 5), (33,), (), (0, 4), (3, 4, 3, 3)]
+
+
+def make_params(dtype: torch.dtype, device: str | torch.device, seed: int = 0) -> list[Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for shape in SHAPES:
+        p = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+        if len(shape) == 4:
+            p = p.contiguous(memory_format=torch.channels_last)
+        params.append(p.requires_grad_())
+    return params
+
+
+def _grad(p: Tensor, gen: torch.Generator, scale: float) -> Tensor:
+    g = torch.randn(p.shape, generator=gen).to(device=p.device, dtype=p.dtype) * scale
+    return g.contiguous(memory_format=torch.channels_last) if p.dim() == 4 else g
+
+
+@dataclass
+class Report:
+    """The largest difference seen between backend and reference, and where."""
+
+    max_abs: float = 0.0
+    worst: str = ""
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def compare(self, what: str, got: Tensor, want: Tensor, tol: dict[str, float]) -> None:
+        got64, want64 = got.detach().double().cpu(), want.detach().double().cpu()
+        if got.shape != want.shape:
+            self.failures.append(f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}")
+            return
+        if got64.numel() == 0:
+            return
+        err = (got64 - want64).abs().max().item()
+        if not err <= self.max_abs:
+            self.max_abs, self.worst = err, what
+        if not torch.allclose(got64, want64, **tol):
+            self.failures.append(f"{what}: max abs error {err:.3g} beyond atol={tol['atol']} rtol={tol['rtol']}")
+
+
+def run_against_reference(
+    backend: str,
+    variant: Variant,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    *,
+    steps: int = 7,
+    k: int = 3,
+    alpha: float = 0.5,
+    grad_scaler: bool = False,
+    seed: int = 0,
+) -> Report:
+    """Step `backend` and the reference side by side for `steps` steps and compare the
+    parameters and every state entry after each one.
+
+    The parameters are those of SHAPES; the last but one has no gradient on every third
+    step (no inner update, still synced). With grad_scaler=True the gradients are scaled by
+    1024, grad_scale/found_inf are passed as GradScaler does, and one step has found_inf set
+    (an inf in a gradient): that step must change nothing."""
+    tol = TOLERANCES[dtype]
+    params = make_params(dtype, device, seed)
+    ref_params = [p.detach().clone() for p in params]
+    kwargs = {"k": k, "alpha": alpha, **variant.kwargs}
+    cls = CLASSES[variant.kind]
+
+    if variant.groups > 1:
+        split = len(params) // 2
+        groups = [
+            {"params": params[:split]},
+            {"params": params[split:], "k": k + 1, "alpha": min(1.0, alpha + 0.25)},
+        ]
+        opt = cls(groups, backend=backend, **kwargs)
+    else:
+        opt = cls(params, backend=backend, **kwargs)
+    ref_groups = []
+    offset = 0
+    for group in opt.param_groups:
+        n = len(group["params"])
+        hyper = {key: value for key, value in group.items() if key != "params"}
+        ref_groups.append((ref_params[offset : offset + n], hyper))
+        offset += n
+    ref_states = [
+        [reference.init_state(p, optimizer=variant.kind, momentum=h.get("momentum", 0.0),
+                              amsgrad=h.get("amsgrad", False), inner_state=h["inner_state"],
+                              state_dtype=h["state_dtype"], slow_dtype=h["slow_dtype"]) for p in ps]
+        for ps, h in ref_groups
+    ]  # fmt: skip
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    scale = 1024.0 if grad_scaler else 1.0
+    report = Report()
+    for step in range(steps):
+        inf_step = grad_scaler and step == 2
+        grads = []
+        for i, p in enumerate(params):
+            g = None if (i == len(params) - 2 and step % 3 == 1) else _grad(p, gen, scale)
+            if g is not None and inf_step and i == 0 and g.numel():
+                g.view(-1)[0] = float("inf")
+            grads.append(g)
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g.clone()
+        grad_scale = found_inf = None
+        if grad_scaler:
+            grad_scale = torch.tensor(scale, device=device)
+            found_inf = torch.tensor(1.0 if inf_step else 0.0, device=device)
+            opt.grad_scale, opt.found_inf = grad_scale, found_inf
+        opt.step()
+        if grad_scaler:
+            del opt.grad_scale, opt.found_inf
+        offset = 0
+        for (ps, hyper), states in zip(ref_groups, ref_states):
+            gs = grads[offset : offset + len(ps)]
+            offset += len(ps)
+            reference.step_group(variant.kind, ps, gs, states, hyper, grad_scale=grad_scale, found_inf=found_inf)
+
+        flat_states = [s for states in ref_states for s in states]
+        for i, (p, q, want_state) in enumerate(zip(params, ref_params, flat_states)):
+            report.compare(f"step {step + 1} param {i}", p, q, tol)
+            got_state = opt.state[p]
+            for key, want in want_state.items():
+                if key not in got_state:
+                    report.failures.append(f"step {step + 1} param {i}: state '{key}' missing")
+                    continue
+                report.compare(f"step {step + 1} param {i} {key}", got_state[key], want, tol)
+    return report
