@@ -1,0 +1,39 @@
+"""Fixtures shared by the whole suite.
+
+`backend` runs a test on every backend registered in lookahead_fused.backends that can run
+on this machine's CPU. A backend that CI must have (EXPECTED_ON_CPU) and that is registered
+but cannot run is a failure (test_expected_backends_are_usable), never a silent skip.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from lookahead_fused import backends
+
+# Backends that must run on a CPU-only machine once they are part of the build:
+# "cpu" (the C++ kernels), "triton" under TRITON_INTERPRET=1, "cuda_emulated" (the CUDA
+# kernel source compiled for the host).
+EXPECTED_ON_CPU = ("eager", "foreach", "cpu", "triton", "cuda_emulated")
+
+CPU = torch.device("cpu")
+
+
+def usable_backends() -> list[str]:
+    return [name for name in backends.NAMES if backends.unavailable(name, CPU) is None]
+
+
+@pytest.fixture(params=usable_backends())
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    lines = [f"torch {torch.__version__}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')}"]
+    for name in backends.NAMES:
+        why = backends.unavailable(name, CPU)
+        lines.append(f"backend {name}: {'usable' if why is None else 'unavailable: ' + why}")
+    return "\n".join(lines)
