@@ -27,6 +27,8 @@ COUNTER_KEYS = ("step", "lookahead_step")
 
 def is_dense(t: Tensor) -> bool:
     """True when t's elements fill exactly numel() consecutive slots of its storage (any order)."""
+    if t.numel() == 0:
+        return True  # nothing to place (torch gives such tensors arbitrary strides, e.g. (1, 1))
     dims = sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1)
     expected = 1
     for stride, size in dims:

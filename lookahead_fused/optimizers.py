@@ -17,12 +17,14 @@ from torch.optim import Optimizer
 
 from . import backends
 from ._buckets import Bucket, build_buckets
+from ._swap import swap_slow_weights
 
 INNER_STATES = ("maintain", "reset", "pullback")
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def _check_lookahead(group: dict[str, Any]) -> None:
+    """Validate the Lookahead settings of a group (also used by the generic wrapper)."""
     k = group["k"]
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"Invalid k: {k!r} (a positive int)")
@@ -31,6 +33,11 @@ def _check_lookahead(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid alpha: {alpha} (0 < alpha <= 1)")
     if group["inner_state"] not in INNER_STATES:
         raise ValueError(f"Invalid inner_state: {group['inner_state']!r} (choose from {', '.join(map(repr, INNER_STATES))})")
+
+
+def _check_group_common(group: dict[str, Any]) -> None:
+    """Validate the settings every fused class shares: Lookahead's, lr, weight decay, dtypes."""
+    _check_lookahead(group)
     lr = group["lr"]
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
@@ -49,6 +56,10 @@ class _LookaheadOptimizer(Optimizer):
     """Shared machinery. Subclasses set `_kind` and validate their own hyperparameters."""
 
     _kind: str  # "sgd" | "adam" | "adamw": which inner update the backends apply
+    # GradScaler's contract (as torch's fused optimizers): it hands us grad_scale and found_inf
+    # as device tensors instead of unscaling and syncing itself. A class attribute, so that
+    # copies and unpickled optimizers keep it.
+    _step_supports_amp_scaling = True
 
     def __init__(self, params: Any, defaults: dict[str, Any], backend: str) -> None:
         if backend != "auto":
@@ -57,9 +68,6 @@ class _LookaheadOptimizer(Optimizer):
         self._group_buckets: list[list[Bucket] | None] = []
         self._in_slow_weights = False
         super().__init__(params, defaults)
-        # GradScaler's contract (as torch's fused optimizers): it hands us grad_scale and
-        # found_inf as device tensors instead of unscaling and syncing itself.
-        self._step_supports_amp_scaling = True
         self._backend = backends.resolve(backend, self._devices())
 
     # -- torch.optim plumbing ------------------------------------------------------------
@@ -67,11 +75,15 @@ class _LookaheadOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _check_lookahead(group)
-        self._check_group(group)
-        for p in group["params"]:
-            if not (p.is_floating_point() and p.dtype in _FLOAT_DTYPES):
-                raise ValueError(f"{type(self).__name__} supports floating-point parameters only, got {p.dtype}")
+        try:
+            _check_group_common(group)
+            self._check_group(group)
+            for p in group["params"]:
+                if not (p.is_floating_point() and p.dtype in _FLOAT_DTYPES):
+                    raise ValueError(f"{type(self).__name__} supports floating-point parameters only, got {p.dtype}")
+        except ValueError:
+            self.param_groups.pop()  # a rejected group must not stay behind to be stepped
+            raise
         if hasattr(self, "_backend"):  # a group added after construction may bring a new device
             self._backend = backends.resolve(self._backend_request, self._devices())
 
@@ -131,13 +143,16 @@ class _LookaheadOptimizer(Optimizer):
                 loss = closure()
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         found_inf: Tensor | None = getattr(self, "found_inf", None)
-        step_group = backends.get(self._backend).step
         who = type(self).__name__
+        # Every gradient of every group is checked before anything is updated: a bad gradient
+        # in the last group must not leave the first ones stepped.
+        work = []
         for index, group in enumerate(self.param_groups):
-            if not group["params"]:
-                continue
-            buckets = self._buckets(index)
-            grads = [b.grads(who) for b in buckets]
+            if group["params"]:
+                buckets = self._buckets(index)
+                work.append((group, buckets, [b.grads(who) for b in buckets]))
+        step_group = backends.get(self._backend).step
+        for group, buckets, grads in work:
             step_group(self._kind, group, buckets, grads, grad_scale, found_inf)
         return loss
 
@@ -148,7 +163,12 @@ class _LookaheadOptimizer(Optimizer):
         slow weights then start from the current parameters). State keeps its saved dtype
         (torch.optim would cast it to the parameter's dtype, losing fp32 state of bf16 models)."""
         saved_state = state_dict["state"]
+        # A torch.optim checkpoint has no k, alpha, inner_state, ...: those keep their values.
+        current = [{key: v for key, v in g.items() if key != "params"} for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, settings in zip(self.param_groups, current):
+            for key, value in settings.items():
+                group.setdefault(key, value)
         id_map = {}
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
             id_map.update(zip(saved_group["params"], group["params"]))
@@ -162,42 +182,24 @@ class _LookaheadOptimizer(Optimizer):
                 if v is not None
             }
         for group in self.param_groups:
-            _check_lookahead(group)
+            _check_group_common(group)
             self._check_group(group)
         self._group_buckets = []  # rebuilt, and the loaded state copied in, at the next step
 
     @contextlib.contextmanager
     def slow_weights(self) -> Iterator[None]:
         """Put the slow weights φ into the parameters for the body of the `with`, then put the
-        fast weights back. Where φ has the parameter's dtype and layout the two are swapped
-        by reference (`param.data`), with no copy; otherwise (fp32 φ of a bf16 parameter)
-        the fast weights wait in a temporary copy in the parameter's dtype."""
-        if self._in_slow_weights:
-            raise RuntimeError("slow_weights() is already active")
-        swapped: list[tuple[Tensor, Tensor, bool]] = []
-        self._in_slow_weights = True
-        try:
-            for index, group in enumerate(self.param_groups):
-                if not group["params"] or not any(p in self.state for p in group["params"]):
-                    continue  # no step taken yet: φ = θ
-                for b in self._buckets(index):
-                    for p, view in zip(b.params, b.views):
-                        slow = view["slow_weights"]
-                        if slow.dtype == p.dtype and slow.stride() == p.stride():
-                            swapped.append((p, p.data, True))
-                            p.data = slow
-                        else:
-                            swapped.append((p, p.detach().clone(), False))
-                            p.copy_(slow)
+        fast weights back (see `lookahead_fused._swap.swap_slow_weights`). A group that has
+        not stepped yet has no buckets and needs no swap: φ = θ."""
+        pairs = (
+            (p, view["slow_weights"])
+            for index, group in enumerate(self.param_groups)
+            if group["params"] and any(p in self.state for p in group["params"])
+            for b in self._buckets(index)
+            for p, view in zip(b.params, b.views)
+        )
+        with swap_slow_weights(self, pairs):
             yield
-        finally:
-            with torch.no_grad():
-                for p, fast, by_reference in reversed(swapped):
-                    if by_reference:
-                        p.data = fast
-                    else:
-                        p.copy_(fast)
-            self._in_slow_weights = False
 
 
 class LookaheadSGD(_LookaheadOptimizer):
