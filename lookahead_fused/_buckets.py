@@ -38,7 +38,7 @@ def is_dense(t: Tensor) -> bool:
     return True
 
 
-def _view(flat: Tensor, offset: int, like: Tensor) -> Tensor:
+def view_like(flat: Tensor, offset: int, like: Tensor) -> Tensor:
     """A view of flat[offset : offset + like.numel()] with like's shape (and strides if dense)."""
     if is_dense(like):
         return flat.as_strided(like.shape, like.stride(), flat.storage_offset() + offset)
@@ -138,8 +138,8 @@ def build_buckets(kind: str, group: dict[str, Any], state: dict[Tensor, dict[str
         views = []
         for i, (p, off) in enumerate(zip(params, offsets)):
             old = state.get(p, {})
-            view = {key: _view(flat[key], off, p) for key in keys}
-            view["slow_weights"] = _view(flat["slow_weights"], off, p)
+            view = {key: view_like(flat[key], off, p) for key in keys}
+            view["slow_weights"] = view_like(flat["slow_weights"], off, p)
             view["step"] = flat["step"][i]
             view["lookahead_step"] = flat["lookahead_step"][i]
             for key in (*keys, "slow_weights"):

@@ -79,10 +79,13 @@ __all__ = [
     "init_state",
     "step_group",
     "MOMENTUM_KEY",
+    "RESET_KEYS",
 ]
 
 # The state entry each inner optimizer interpolates under inner_state="pullback".
 MOMENTUM_KEY = {"sgd": "momentum_buffer", "adam": "exp_avg", "adamw": "exp_avg"}
+# The inner state that inner_state="reset" zeroes: the inner optimizer's own entries.
+RESET_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
 
 
 def _math_dtype(param: Tensor) -> torch.dtype:
@@ -240,7 +243,7 @@ def lookahead_sync(
 
     if inner_state == "reset":
         for key, value in state.items():
-            if key in ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"):
+            if key in RESET_KEYS:
                 value.zero_()
     elif inner_state == "pullback":
         key = MOMENTUM_KEY[optimizer]

@@ -128,6 +128,38 @@ class Report:
             self.failures.append(f"{what}: max abs error {err:.3g} beyond atol={tol['atol']} rtol={tol['rtol']}")
 
 
+def reference_states(kind: str, params: list[Tensor], hyper: dict[str, Any]) -> list[dict[str, Any]]:
+    """Fresh reference state for the parameters of one group with hyperparameters `hyper`."""
+    return [
+        reference.init_state(
+            p, optimizer=kind, momentum=hyper.get("momentum", 0.0), amsgrad=hyper.get("amsgrad", False),
+            inner_state=hyper["inner_state"], state_dtype=hyper["state_dtype"], slow_dtype=hyper["slow_dtype"],
+        )
+        for p in params
+    ]  # fmt: skip
+
+
+def compare_step(
+    report: Report,
+    step: int,
+    opt: torch.optim.Optimizer,
+    params: list[Tensor],
+    ref_params: list[Tensor],
+    ref_states: list[dict[str, Any]],
+) -> None:
+    """Compare the parameters and every reference state entry after step `step` (1-based)."""
+    for i, (p, want_p, want_state) in enumerate(zip(params, ref_params, ref_states, strict=True)):
+        tol = TOLERANCES[p.dtype]
+        where = f"step {step} param {i}"
+        report.compare(where, p, want_p, tol)
+        got_state = opt.state[p]
+        for key, want in want_state.items():
+            if key not in got_state:
+                report.failures.append(f"{where}: state '{key}' missing")
+            else:
+                report.compare(f"{where} {key}", got_state[key], want, tol)
+
+
 def run_against_reference(
     backend: str,
     variant: Variant,
@@ -147,7 +179,6 @@ def run_against_reference(
     step (no inner update, still synced). With grad_scaler=True the gradients are scaled by
     1024, grad_scale/found_inf are passed as GradScaler does, and one step has found_inf set
     (an inf in a gradient): that step must change nothing."""
-    tol = TOLERANCES[dtype]
     params = make_params(dtype, device, seed)
     ref_params = [p.detach().clone() for p in params]
     kwargs = {"k": k, "alpha": alpha, **variant.kwargs}
@@ -169,12 +200,7 @@ def run_against_reference(
         hyper = {key: value for key, value in group.items() if key != "params"}
         ref_groups.append((ref_params[offset : offset + n], hyper))
         offset += n
-    ref_states = [
-        [reference.init_state(p, optimizer=variant.kind, momentum=h.get("momentum", 0.0),
-                              amsgrad=h.get("amsgrad", False), inner_state=h["inner_state"],
-                              state_dtype=h["state_dtype"], slow_dtype=h["slow_dtype"]) for p in ps]
-        for ps, h in ref_groups
-    ]  # fmt: skip
+    ref_states = [reference_states(variant.kind, ps, h) for ps, h in ref_groups]
 
     gen = torch.Generator().manual_seed(seed + 1)
     scale = 1024.0 if grad_scaler else 1.0
@@ -203,13 +229,5 @@ def run_against_reference(
             offset += len(ps)
             reference.step_group(variant.kind, ps, gs, states, hyper, grad_scale=grad_scale, found_inf=found_inf)
 
-        flat_states = [s for states in ref_states for s in states]
-        for i, (p, q, want_state) in enumerate(zip(params, ref_params, flat_states)):
-            report.compare(f"step {step + 1} param {i}", p, q, tol)
-            got_state = opt.state[p]
-            for key, want in want_state.items():
-                if key not in got_state:
-                    report.failures.append(f"step {step + 1} param {i}: state '{key}' missing")
-                    continue
-                report.compare(f"step {step + 1} param {i} {key}", got_state[key], want, tol)
+        compare_step(report, step + 1, opt, params, ref_params, [s for states in ref_states for s in states])
     return report

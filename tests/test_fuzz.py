@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from lookahead_fused import reference
-from lookahead_fused.testing import CLASSES, TOLERANCES, Report
+from lookahead_fused.testing import CLASSES, Report, compare_step, reference_states
 
 from .conftest import usable_backends
 
@@ -225,18 +225,7 @@ def run_case(backend: str, case: Case) -> Report:
     ref_params = [p.detach().clone() for p in params]
     opt = CLASSES[case.kind](params, backend=backend, **case.options)
     hyper = {key: value for key, value in opt.param_groups[0].items() if key != "params"}
-    ref_states = [
-        reference.init_state(
-            p,
-            optimizer=case.kind,
-            momentum=hyper.get("momentum", 0.0),
-            amsgrad=hyper.get("amsgrad", False),
-            inner_state=hyper["inner_state"],
-            state_dtype=hyper["state_dtype"],
-            slow_dtype=hyper["slow_dtype"],
-        )
-        for p in ref_params
-    ]
+    ref_states = reference_states(case.kind, ref_params, hyper)
 
     report = Report()
     for step in range(case.steps):
@@ -257,16 +246,7 @@ def run_case(backend: str, case: Case) -> Report:
             case.kind, ref_params, grads, ref_states, hyper, grad_scale=grad_scale, found_inf=found_inf
         )
 
-        for i, (p, want_p, want_state) in enumerate(zip(params, ref_params, ref_states, strict=True)):
-            tol = TOLERANCES[p.dtype]
-            where = f"step {step + 1} param {i}"
-            report.compare(where, p, want_p, tol)
-            got_state = opt.state[p]
-            for key, want in want_state.items():
-                if key not in got_state:
-                    report.failures.append(f"{where}: state '{key}' missing")
-                else:
-                    report.compare(f"{where} {key}", got_state[key], want, tol)
+        compare_step(report, step + 1, opt, params, ref_params, ref_states)
     return report
 
 
