@@ -1,0 +1,1 @@
+"""Benchmarks of lookahead_fused: `python -m bench` (the table) and `pytest bench/ --benchmark-only`."""

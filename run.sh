@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The main job on a fresh machine: set up .venv (idempotent: quick when nothing changed),
+# check every backend usable on this device against the reference, then benchmark.
+#   bash run.sh                      # check + benchmark on the ResNet-152 parameter set
+#   bash run.sh --set resnet50 ...   # arguments go to `python -m bench`
+# test.sh sources this file for setup_env and friends; main runs only when executed.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+VENV=$ROOT/.venv
+PY=$VENV/bin/python
+TORCH_VERSION=2.13.0
+# Build tools for the CMake-built extension lookahead_fused._C. They go into the venv first
+# because the project installs with --no-build-isolation: an isolated build environment
+# would not see the torch already installed, and must not download a CUDA torch itself.
+BUILD_DEPS=(setuptools wheel cmake ninja pybind11)
+# What the installed project depends on: a change to any of these reinstalls it (and lets
+# `pip install -e` rebuild _C); Python sources need nothing, the install is editable.
+BUILD_INPUTS=(setup.py pyproject.toml CMakeLists.txt csrc)
+
+# Prints one hash of the contents and names of the given files and folders (missing ones skipped).
+inputs_hash() {
+    local existing=()
+    for path in "$@"; do
+        [ -e "$ROOT/$path" ] && existing+=("$path")
+    done
+    [ ${#existing[@]} -gt 0 ] || { echo none; return; }
+    (cd "$ROOT" && find "${existing[@]}" -type f -print0 | sort -z | xargs -0 -r sha256sum | sha256sum | cut -c1-64)
+}
+
+# stamped NAME HASH COMMAND...: runs COMMAND unless the last successful run of NAME had the same HASH.
+stamped() {
+    local stamp=$VENV/.stamp-$1 hash=$2
+    shift 2
+    [ "$(cat "$stamp" 2>/dev/null)" = "$hash" ] && return 0
+    "$@"
+    echo "$hash" >"$stamp"
+}
+
+ensure_torch() {
+    # Reuse any torch the system python has (--system-site-packages), e.g. a CUDA build;
+    # otherwise the CPU build, not the multi-GB CUDA one that PyPI would give.
+    "$PY" -c "import torch" 2>/dev/null && return 0
+    echo "run.sh: no torch importable; installing the CPU build torch==$TORCH_VERSION" >&2
+    # TORCH_INDEX_URL picks where the wheel comes from (e.g. PyTorch's CPU wheel index, for a
+    # CPU-only build on a machine whose default index only has the CUDA one).
+    "$PY" -m pip install "torch==$TORCH_VERSION" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+}
+
+# The one place that installs the project: adjust build flags here.
+install_project() {
+    ensure_torch
+    "$PY" -m pip install --quiet "${BUILD_DEPS[@]}"
+    "$PY" -m pip install --quiet --no-build-isolation -e "$ROOT[test]"
+}
+
+setup_env() {
+    [ -x "$PY" ] || python3 -m venv --system-site-packages "$VENV"
+    # CMAKE_ARGS (build options, see setup.py) is an input of the build too.
+    stamped project "$(inputs_hash "${BUILD_INPUTS[@]}")${CMAKE_ARGS:+-$CMAKE_ARGS}" install_project
+}
+
+main() {
+    setup_env
+    cd "$ROOT"
+    "$PY" -m lookahead_fused check
+    "$PY" -m bench "$@"
+}
+
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+    main "$@"
+fi

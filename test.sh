@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The tests on a fresh machine: sets up .venv as run.sh does (idempotent), then runs
+#   pytest -q tests "$@"       with TRITON_INTERPRET=1 (Triton kernels run on CPU tensors)
+#   ruff check / ruff format --check over the Python sources
+# and fails when any of them fails, or when pytest collected no test at all.
+#   bash test.sh                        # everything
+#   bash test.sh -k adam -x             # arguments go to pytest
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/run.sh"
+
+setup_env
+stamped dev "$(inputs_hash requirements-dev.txt)" "$PY" -m pip install --quiet -r "$ROOT/requirements-dev.txt"
+cd "$ROOT"
+export TRITON_INTERPRET=1
+
+failed=()
+# Python sources only: recent ruff also formats the code blocks of Markdown files.
+"$PY" -m ruff check --extend-exclude '*.md' . || failed+=("ruff check")
+"$PY" -m ruff format --check --extend-exclude '*.md' . || failed+=("ruff format --check")
+rc=0
+"$PY" -m pytest -q tests "$@" || rc=$?
+case $rc in
+    0) ;;
+    5) failed+=("pytest (no tests collected: exit 5)") ;;
+    *) failed+=("pytest (exit $rc)") ;;
+esac
+
+if [ ${#failed[@]} -gt 0 ]; then
+    printf 'test.sh: FAILED: %s\n' "${failed[@]}" >&2
+    exit 1
+fi
+echo "test.sh: all passed"
