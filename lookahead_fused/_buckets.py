@@ -89,7 +89,9 @@ class Bucket:
                 if g.is_sparse:
                     raise RuntimeError(f"{who} does not support sparse gradients")
                 if g.shape != p.shape:
-                    raise RuntimeError(f"{who}: gradient of shape {tuple(g.shape)} for a parameter of shape {tuple(p.shape)}")
+                    raise RuntimeError(
+                        f"{who}: gradient of shape {tuple(g.shape)} for a parameter of shape {tuple(p.shape)}"
+                    )
                 if g.device != p.device:
                     raise RuntimeError(f"{who}: gradient on {g.device} for a parameter on {p.device}")
                 if g.is_complex() or not g.is_floating_point():
@@ -160,7 +162,5 @@ def build_buckets(kind: str, group: dict[str, Any], state: dict[Tensor, dict[str
                 view["step"].fill_(1.0)  # torch.optim.SGD's buffer exists: it is initialised
             views.append(view)
             state[p] = view
-        buckets.append(
-            Bucket(params, offsets, total, device, dtype, sdt, pdt, flat, views, host_count=int(count))
-        )
+        buckets.append(Bucket(params, offsets, total, device, dtype, sdt, pdt, flat, views, host_count=int(count)))
     return buckets

@@ -32,7 +32,9 @@ def _check_lookahead(group: dict[str, Any]) -> None:
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"Invalid alpha: {alpha} (0 < alpha <= 1)")
     if group["inner_state"] not in INNER_STATES:
-        raise ValueError(f"Invalid inner_state: {group['inner_state']!r} (choose from {', '.join(map(repr, INNER_STATES))})")
+        raise ValueError(
+            f"Invalid inner_state: {group['inner_state']!r} (choose from {', '.join(map(repr, INNER_STATES))})"
+        )
 
 
 def _check_group_common(group: dict[str, Any]) -> None:
@@ -292,6 +294,14 @@ class LookaheadAdamW(LookaheadAdam):
 
     _kind = "adamw"
 
-    def __init__(self, params: Iterable[Any], lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, **kwargs: Any) -> None:  # fmt: skip
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)

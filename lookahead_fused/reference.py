@@ -231,9 +231,7 @@ def adaptive_alpha(
     return min(max(1.0 + g_dot_d / d_a_d, alpha_low), 1.0)
 
 
-def lookahead_sync(
-    param: Tensor, state: dict[str, Any], *, alpha: float, inner_state: str, optimizer: str
-) -> None:
+def lookahead_sync(param: Tensor, state: dict[str, Any], *, alpha: float, inner_state: str, optimizer: str) -> None:
     """The sync of Algorithm 1 for one tensor, then the inner-state policy."""
     md = _math_dtype(param)
     slow = _as_math(state["slow_weights"], md)

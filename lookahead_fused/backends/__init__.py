@@ -25,6 +25,7 @@ import torch
 _MODULES = {
     "eager": "lookahead_fused.backends.eager",
     "foreach": "lookahead_fused.backends.foreach",
+    "cpu": "lookahead_fused.backends.cpu",
 }
 
 # What "auto" prefers, fastest first, per device type; "foreach" runs anywhere.

@@ -1,0 +1,130 @@
+// The one pybind11 front file of lookahead_fused._C. Everything crosses as plain integers
+// (addresses), doubles and bools, never at::Tensor: _C does not link against torch, so one
+// build serves every torch version (DESIGN.md §4).
+#include <omp.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#include "cpu_kernels.h"
+
+namespace py = pybind11;
+using namespace lookahead_fused::cpu;
+
+namespace {
+
+// The widest SIMD extension the host code was compiled for (CMake's
+// LOOKAHEAD_FUSED_CPU_ARCH picks the target).
+const char* simd_level() {
+#if defined(__AVX512F__)
+  return "AVX512";
+#elif defined(__AVX2__)
+  return "AVX2";
+#elif defined(__AVX__)
+  return "AVX";
+#elif defined(__SSE4_2__)
+  return "SSE4.2";
+#elif defined(__SSE2__)
+  return "SSE2";
+#elif defined(__ARM_FEATURE_SVE)
+  return "SVE";
+#elif defined(__ARM_NEON)
+  return "NEON";
+#else
+  return "none";
+#endif
+}
+
+py::dict build_info() {
+  py::dict info;
+  info["compiler"] = LOOKAHEAD_FUSED_COMPILER;  // "<CMake compiler id> <version>"
+  info["flags"] = LOOKAHEAD_FUSED_CXX_FLAGS;
+  info["cpu_arch"] = LOOKAHEAD_FUSED_CPU_ARCH;
+  info["simd"] = simd_level();
+  info["openmp_max_threads"] = omp_get_max_threads();
+#if defined(LOOKAHEAD_FUSED_WITH_CUDA)
+  info["cuda"] = true;
+  info["cuda_architectures"] = std::vector<std::string>{LOOKAHEAD_FUSED_CUDA_ARCHITECTURES};
+#else
+  info["cuda"] = false;
+  info["cuda_architectures"] = std::vector<std::string>{};
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "lookahead_fused compiled kernels (raw-pointer interface; see lookahead_fused/backends/cpu.py)";
+  m.def("build_info", &build_info, "What this build of _C contains: compiler, flags, SIMD level, OpenMP, CUDA.");
+
+  py::enum_<Kind>(m, "Kind").value("sgd", Kind::kSgd).value("adam", Kind::kAdam).value("adamw", Kind::kAdamW);
+  py::enum_<Phase>(m, "Phase")
+      .value("plain", Phase::kPlain)
+      .value("sync", Phase::kSync)
+      .value("inner_dots", Phase::kInnerDots)
+      .value("sync_only", Phase::kSyncOnly);
+  py::enum_<InnerState>(m, "InnerState")
+      .value("maintain", InnerState::kMaintain)
+      .value("reset", InnerState::kReset)
+      .value("pullback", InnerState::kPullback);
+  py::enum_<DType>(m, "DType")
+      .value("float32", DType::kFloat32)
+      .value("bfloat16", DType::kBFloat16)
+      .value("float16", DType::kFloat16);
+
+  py::class_<StepArgs>(m, "StepArgs", "Addresses, sizes and hyperparameters of one bucket's step.")
+      .def(py::init<>())
+      .def_readwrite("table", &StepArgs::table)
+      .def_readwrite("num_segments", &StepArgs::num_segments)
+      .def_readwrite("numel", &StepArgs::numel)
+      .def_readwrite("chunk", &StepArgs::chunk)
+      .def_readwrite("kind", &StepArgs::kind)
+      .def_readwrite("phase", &StepArgs::phase)
+      .def_readwrite("inner_state", &StepArgs::inner_state)
+      .def_readwrite("param_dtype", &StepArgs::param_dtype)
+      .def_readwrite("state_dtype", &StepArgs::state_dtype)
+      .def_readwrite("slow_dtype", &StepArgs::slow_dtype)
+      .def_readwrite("momentum", &StepArgs::momentum)
+      .def_readwrite("exp_avg_sq", &StepArgs::exp_avg_sq)
+      .def_readwrite("max_exp_avg_sq", &StepArgs::max_exp_avg_sq)
+      .def_readwrite("cached_momentum", &StepArgs::cached_momentum)
+      .def_readwrite("slow", &StepArgs::slow)
+      .def_readwrite("step", &StepArgs::step)
+      .def_readwrite("lr", &StepArgs::lr)
+      .def_readwrite("momentum_coef", &StepArgs::momentum_coef)
+      .def_readwrite("dampening", &StepArgs::dampening)
+      .def_readwrite("weight_decay", &StepArgs::weight_decay)
+      .def_readwrite("nesterov", &StepArgs::nesterov)
+      .def_readwrite("maximize", &StepArgs::maximize)
+      .def_readwrite("amsgrad", &StepArgs::amsgrad)
+      .def_readwrite("beta1", &StepArgs::beta1)
+      .def_readwrite("beta2", &StepArgs::beta2)
+      .def_readwrite("eps", &StepArgs::eps)
+      .def_readwrite("alpha", &StepArgs::alpha)
+      .def_readwrite("grad_scale", &StepArgs::grad_scale);
+
+  m.def(
+      "lookahead_step",
+      [](const StepArgs& args) {
+        StepResult r;
+        {
+          py::gil_scoped_release no_gil;
+          r = lookahead_step(args);
+        }
+        return py::make_tuple(r.g_dot_d, r.d_a_d);
+      },
+      py::arg("args"),
+      "One fused step of one bucket; returns (g·d, dᵀÂd), the adaptive-α sums (zeros unless phase=inner_dots).");
+
+  m.def(
+      "stream_floor",
+      [](const std::vector<int64_t>& buffers, int writes, int64_t n, int64_t chunk) {
+        py::gil_scoped_release no_gil;
+        stream_floor(buffers.data(), static_cast<int>(buffers.size()), writes, n, chunk);
+      },
+      py::arg("buffers"), py::arg("writes"), py::arg("n"), py::arg("chunk") = 1 << 16,
+      "Stream over fp32 buffers (addresses) of n elements: read all, write the first `writes` back.");
+}

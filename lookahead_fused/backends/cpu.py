@@ -1,0 +1,243 @@
+"""Backend "cpu": the fused C++ kernels of `lookahead_fused._C` on CPU tensors.
+
+One pass per bucket per step does the inner SGD / Adam / AdamW update and, on a sync step,
+the lerp of the slow weights, the reset of the fast ones and the inner-state policy
+(csrc/cpu_kernels.cpp; the per-element math is csrc/lookahead_math.h). The kernel reaches
+the parameters and gradients through a segment table per bucket: an int64 tensor of rows
+(param address, grad address, numel, offset in the flat state, step slot, has grad),
+cached in `bucket.backend_cache`: rebuilt when a parameter changes address or size
+(`.data` replaced, `model.half()`), and its gradient columns rewritten when a gradient
+changes address, strides or dtype (a new `.grad` after `zero_grad(set_to_none=True)`).
+Every address is checked here before it crosses into C++: device, dtype, density and that
+the storage really holds the elements.
+
+On the CPU reading `found_inf` and the counters costs nothing, so the sync decision is
+made here. Adaptive α costs one extra pass on sync steps: the first pass does the inner
+step and returns the two dot products of every bucket, the group's α̂ is computed from
+their sums, and a second pass does the sync with it.
+
+What the kernels compile: parameters in fp32, bf16 or fp16, math in fp32, state and slow
+weights each in fp32 or the parameter's dtype. A group with anything else (fp64
+parameters, or overrides such as bf16 state with fp16 slow weights for a bf16 model) is
+stepped by the reference implementation (backend "eager"), so "cpu" accepts everything
+the front-end does and is fast where models actually are.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .._buckets import Bucket, is_dense
+from . import eager
+
+try:
+    from .. import _C
+except ImportError as e:  # the compiled core is not built (e.g. a source checkout)
+    _C = None
+    _IMPORT_ERROR = f"lookahead_fused._C is not built: {e}"
+else:
+    _IMPORT_ERROR = None
+
+# Elements per OpenMP work item: large enough that a thread streams through whole pages,
+# small enough that 60 M elements give every thread hundreds of items to balance.
+CHUNK = 1 << 16
+
+_SEGMENT_COLUMNS = 6  # csrc/cpu_kernels.h: struct Segment
+
+
+def _dtype_codes() -> dict[torch.dtype, Any]:
+    return {torch.float32: _C.DType.float32, torch.bfloat16: _C.DType.bfloat16, torch.float16: _C.DType.float16}
+
+
+def unavailable(device: torch.device) -> str | None:
+    if device.type != "cpu":
+        return "the cpu backend runs on CPU tensors"
+    return _IMPORT_ERROR
+
+
+def step(
+    kind: str,
+    group: dict[str, Any],
+    buckets: list[Bucket],
+    grads: list[list[Tensor | None]],
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    if found_inf is not None and found_inf.item() != 0:
+        return  # GradScaler found an inf/NaN: nothing changes, the counters included
+    if not all(_compiled(b) for b in buckets):
+        # One counter and one adaptive α per group: the whole group takes the other path.
+        eager.step(kind, group, buckets, grads, grad_scale, found_inf)
+        return
+
+    tables = [_segment_table(b, gs) for b, gs in zip(buckets, grads, strict=True)]
+    count = int(buckets[0].flat["lookahead_step"][0].item()) + 1  # every slot holds the group's counter
+    sync = count % group["k"] == 0
+    scale = 1.0 if grad_scale is None else float(grad_scale.item())
+    args = [_step_args(kind, group, b, table, scale) for b, table in zip(buckets, tables, strict=True)]
+
+    if sync and group.get("adaptive_alpha", False):
+        # Pass 1: the inner step and, per bucket, gᵀd and dᵀÂd (reference.adaptive_alpha).
+        g_dot_d = d_a_d = 0.0
+        for a in args:
+            a.phase = _C.Phase.inner_dots
+            gd, dad = _C.lookahead_step(a)
+            g_dot_d, d_a_d = g_dot_d + gd, d_a_d + dad
+        alpha = group["alpha"]
+        if d_a_d != 0.0 and math.isfinite(d_a_d):
+            alpha = min(max(1.0 + g_dot_d / d_a_d, group["alpha_low"]), 1.0)
+        # Pass 2: the sync with the group's α̂.
+        for a in args:
+            a.phase, a.alpha = _C.Phase.sync_only, alpha
+            _C.lookahead_step(a)
+    else:
+        for a in args:
+            a.phase = _C.Phase.sync if sync else _C.Phase.plain
+            _C.lookahead_step(a)
+
+    for b in buckets:
+        b.flat["lookahead_step"].add_(1)
+        b.host_count = count
+
+
+def _compiled(bucket: Bucket) -> bool:
+    """Whether the C++ kernels cover this bucket's dtypes (see the module docstring)."""
+    supported = (torch.float32, torch.bfloat16, torch.float16)
+    own = (torch.float32, bucket.dtype)
+    return bucket.dtype in supported and bucket.state_dtype in own and bucket.slow_dtype in own
+
+
+def _step_args(kind: str, group: dict[str, Any], b: Bucket, table: Tensor, grad_scale: float) -> Any:
+    codes = _dtype_codes()
+    a = _C.StepArgs()
+    a.table, a.num_segments, a.numel, a.chunk = table.data_ptr(), table.shape[0], b.numel, CHUNK
+    a.kind = getattr(_C.Kind, kind)
+    a.inner_state = getattr(_C.InnerState, group["inner_state"])
+    a.param_dtype, a.state_dtype, a.slow_dtype = codes[b.dtype], codes[b.state_dtype], codes[b.slow_dtype]
+    flat = b.flat
+    momentum_key = reference.MOMENTUM_KEY[kind]
+    address = lambda key: flat[key].data_ptr() if key in flat else 0  # noqa: E731
+    a.momentum = address(momentum_key)
+    a.exp_avg_sq = address("exp_avg_sq")
+    a.max_exp_avg_sq = address("max_exp_avg_sq")
+    a.cached_momentum = address("cached_" + momentum_key)
+    a.slow = address("slow_weights")
+    a.step = address("step")
+    lr = group["lr"]
+    a.lr = lr.item() if isinstance(lr, Tensor) else float(lr)
+    a.weight_decay = group["weight_decay"]
+    a.maximize = group["maximize"]
+    a.alpha = group["alpha"]
+    a.grad_scale = grad_scale
+    if kind == "sgd":
+        a.momentum_coef, a.dampening, a.nesterov = group["momentum"], group["dampening"], group["nesterov"]
+    else:
+        (a.beta1, a.beta2), a.eps, a.amsgrad = group["betas"], group["eps"], group["amsgrad"]
+    return a
+
+
+# ---------------------------------------------------------------------------------------
+# The segment table.
+# ---------------------------------------------------------------------------------------
+
+
+def _grad_layout(g: Tensor | None) -> tuple | None:
+    return None if g is None else (g.data_ptr(), g.stride(), g.dtype)
+
+
+def _segment_table(b: Bucket, grads: list[Tensor | None]) -> Tensor:
+    """The bucket's table, refreshed where something moved. Two keys, both computed every
+    step from the cheapest accessors (about 0.1 ms for 467 tensors): the parameters'
+    addresses and sizes (a replaced `.data` changes the address; the state views fix the
+    layout), which rebuild the whole table (about 2 ms for 467 tensors), and the gradients'
+    addresses, strides and dtypes, which only rewrite the gradient columns: with
+    `zero_grad(set_to_none=True)` that happens every step."""
+    cache = b.backend_cache
+    param_key = (tuple(map(Tensor.data_ptr, b.params)), tuple(map(Tensor.numel, b.params)))
+    grad_key = tuple(map(_grad_layout, grads))
+    if cache.get("param_key") != param_key:
+        _check_state(b)
+        cache["table"], cache["strides"] = _build_table(b)
+        cache["param_key"], cache["grad_key"] = param_key, None
+        cache["builds"] = cache.get("builds", 0) + 1  # tests check that tables are reused
+    if cache["grad_key"] != grad_key:
+        cache["relayout"] = _set_grads(b, cache["table"], cache["strides"], grads)
+        cache["grad_key"] = grad_key
+        cache["grad_updates"] = cache.get("grad_updates", 0) + 1
+    # Gradients whose layout differs from their parameter's are copied, every step, into a
+    # scratch tensor with the parameter's layout (the table points at the scratch).
+    for i, scratch in cache["relayout"].items():
+        scratch.copy_(grads[i])
+    return cache["table"]
+
+
+def _check_state(b: Bucket) -> None:
+    for key, buf in b.flat.items():
+        want = len(b.params) if key in ("step", "lookahead_step") else b.numel
+        if buf.device.type != "cpu" or not buf.is_contiguous() or buf.numel() != want:
+            raise RuntimeError(f"the cpu backend found state '{key}' of the wrong device, layout or size")
+
+
+def _holds(t: Tensor) -> bool:
+    """The tensor's storage really holds its numel() elements from its data pointer on (a
+    storage can be resized after the tensor was made)."""
+    end = (t.storage_offset() + t.numel()) * t.element_size()
+    return t.untyped_storage().nbytes() >= end
+
+
+def _where(i: int, p: Tensor) -> str:
+    return f"parameter {i} of shape {tuple(p.shape)}"
+
+
+def _build_table(b: Bucket) -> tuple[Tensor, list[tuple[int, ...]]]:
+    """Rows for the parameters (gradient columns empty) and the parameters' strides."""
+    rows = []
+    for i, (p, offset) in enumerate(zip(b.params, b.offsets, strict=True)):
+        where = _where(i, p)
+        if p.device.type != "cpu":
+            raise RuntimeError(f"the cpu backend got {where} on {p.device}")
+        if p.dtype != b.dtype:
+            raise RuntimeError(f"the cpu backend got {where} of dtype {p.dtype} in a {b.dtype} bucket")
+        if not is_dense(p) or any(s < 0 for s in p.stride()):
+            raise RuntimeError(f"the cpu backend needs dense parameters; {where} has strides {p.stride()}")
+        if not _holds(p):
+            raise RuntimeError(f"the storage of {where} is smaller than the parameter (was it resized?)")
+        end = b.offsets[i + 1] if i + 1 < len(b.offsets) else b.numel
+        if p.numel() != end - offset:
+            raise RuntimeError(f"{where} has {p.numel()} elements, its optimizer state {end - offset}")
+        rows.append((p.data_ptr(), 0, p.numel(), offset, i, 0))
+    table = torch.tensor(rows, dtype=torch.int64).reshape(-1, _SEGMENT_COLUMNS)
+    return table, [p.stride() for p in b.params]
+
+
+def _set_grads(
+    b: Bucket, table: Tensor, strides: list[tuple[int, ...]], grads: list[Tensor | None]
+) -> dict[int, Tensor]:
+    """Check the gradients and write their addresses into the table. Returns the scratch
+    tensors of gradients that must be copied into their parameter's layout."""
+    relayout: dict[int, Tensor] = {}
+    columns = []
+    for i, (p, g, stride) in enumerate(zip(b.params, grads, strides, strict=True)):
+        if g is None:
+            columns.append((0, 0))
+            continue
+        if g.dtype != p.dtype:
+            raise RuntimeError(
+                f"the cpu backend needs gradients of the parameter's dtype; {_where(i, p)} has a {g.dtype} gradient"
+            )
+        if g.device.type != "cpu":
+            raise RuntimeError(f"the cpu backend got a gradient on {g.device} for {_where(i, p)}")
+        if not _holds(g):
+            raise RuntimeError(f"the storage of the gradient of {_where(i, p)} is smaller than the gradient")
+        if g.stride() != stride:
+            relayout[i] = torch.empty_like(p)  # dense p: empty_like keeps its strides
+            columns.append((relayout[i].data_ptr(), 1))
+        else:
+            columns.append((g.data_ptr(), 1))
+    table[:, [1, 5]] = torch.tensor(columns, dtype=torch.int64).reshape(-1, 2)
+    return relayout
