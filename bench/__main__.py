@@ -101,7 +101,7 @@ def measure(entries: list[Contender], pset: ParamSet, device: torch.device, reps
     return results
 
 
-def _row(result: Result, baseline: float | None, numel: int) -> dict[str, Any]:
+def _row(result: Result, baseline: float | None, floor: float | None, numel: int) -> dict[str, Any]:
     c = result.contender
     row: dict[str, Any] = {
         "name": c.name,
@@ -119,12 +119,14 @@ def _row(result: Result, baseline: float | None, numel: int) -> dict[str, Any]:
             max_ms=max(result.seconds) * 1e3,
             gb_per_s=c.bytes_per_param * numel / result.median / 1e9,
             vs_torch_fused=result.median / baseline if baseline else None,
+            # The fraction of the bandwidth floor reached (Lookahead rows: same accesses).
+            of_floor=floor / result.median if floor and c.lookahead and not c.floor else None,
         )
     return row
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"{'contender':<42} {'median ms':>10} {'min-max ms':>17} {'GB/s':>7} {'x torch fused':>13}")
+    print(f"{'contender':<42} {'median ms':>10} {'min-max ms':>17} {'GB/s':>7} {'x torch fused':>13} {'of floor':>8}")
     for family in FAMILIES:
         family_rows = [r for r in rows if r["family"] == family.name]
         if family_rows:
@@ -137,7 +139,9 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
                 continue
             ratio = f"{r['vs_torch_fused']:.2f}" if r["vs_torch_fused"] else "-"
             spread = f"{r['min_ms']:.2f}-{r['max_ms']:.2f}"
-            print(f"  {r['name']:<40} {r['median_ms']:>10.2f} {spread:>17} {r['gb_per_s']:>7.1f} {ratio:>13}")
+            of_floor = f"{r['of_floor']:.0%}" if r["of_floor"] else "-"
+            timing = f"{r['median_ms']:>10.2f} {spread:>17} {r['gb_per_s']:>7.1f}"
+            print(f"  {r['name']:<40} {timing} {ratio:>13} {of_floor:>8}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -185,7 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for family in families:
         results = measure(contenders(device, (family,)), pset, device, reps)
         baseline = next((r.median for r in results if r.contender.baseline and r.seconds), None)
-        rows += [_row(r, baseline, pset.numel) for r in results]
+        floor = next((r.median for r in results if r.contender.floor and r.seconds), None)
+        rows += [_row(r, baseline, floor, pset.numel) for r in results]
     _print_table(rows)
 
     if args.json:

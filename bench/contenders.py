@@ -57,6 +57,7 @@ class Contender:
     build: Build | None  # None when it cannot run here
     unavailable: str | None = None  # why not
     baseline: bool = False  # torch's fused optimizer: the row the others of the family are compared with
+    floor: bool = False  # the streaming kernel with the fused Lookahead step's accesses
 
     @property
     def bytes_per_param(self) -> float:
@@ -91,6 +92,8 @@ def _family_contenders(family: Family, device: torch.device) -> list[Contender]:
             )
         )
 
+    out.append(_floor_contender(family, device))
+
     def wrapper(params: list[Tensor]) -> Optimizer:
         return lookahead_fused.Lookahead(torch_opt(params, fused=True), k=K, alpha=ALPHA)
 
@@ -113,6 +116,23 @@ def _family_contenders(family: Family, device: torch.device) -> list[Contender]:
         )
     out.append(Contender(f"torch {inner}(default)", family, False, torch_opt))
     return out
+
+
+def _floor_contender(family: Family, device: torch.device) -> Contender:
+    """The bandwidth floor of a Lookahead step (k − 1 plain passes and a sync pass), measured
+    by a streaming kernel of _C: on the CPU only (on a GPU the ratio is to the modelled floor)."""
+    name = "floor: stream kernel, same bytes"
+    if device.type != "cpu":
+        return Contender(name, family, True, None, "measured on the CPU only", floor=True)
+    try:
+        from .cpu_floor import FloorCycle
+    except ImportError as e:
+        return Contender(name, family, True, None, f"_C not importable ({e})", floor=True)
+
+    def floor(params: list[Tensor]) -> Any:
+        return FloorCycle(sum(p.numel() for p in params), family.name, K, lookahead=True)
+
+    return Contender(name, family, True, floor, floor=True)
 
 
 def contenders(device: torch.device, families: tuple[str, ...] = ("adam", "sgd")) -> list[Contender]:
