@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# The Triton kernels run on CPU tensors through Triton's interpreter: set it before anything
+# imports triton (triton.jit reads it when a kernel is defined). A GPU run can override it.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from lookahead_fused import backends
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from lookahead_fused import backends  # noqa: E402
 
 # Backends that must run on a CPU-only machine once they are part of the build:
 # "cpu" (the C++ kernels), "triton" under TRITON_INTERPRET=1, "cuda_emulated" (the CUDA

@@ -1,0 +1,332 @@
+"""Backend "triton": the fused Triton kernels of `lookahead_fused.triton_kernels`.
+
+A step is one launch of `lookahead_step_kernel` per bucket: the inner SGD / Adam / AdamW
+update of every tensor of the bucket and, on a sync step, the slow-weight lerp, the reset of
+the fast weights and the inner-state policy in the same pass; then one tiny launch that
+advances the counters (kernels read them, so they cannot also write them: see
+triton_kernels/lookahead.py). Adaptive α costs one extra pass on sync steps: the first pass
+does the inner step and per-program partial sums of gᵀd and dᵀÂd, the group's α̂ is
+formed from them on the device, and a second pass does the sync with it (reading θ and φ
+again). On the device path, where the host does not know which steps sync, every step of an
+adaptive-α group makes both launches and the few α̂ ops; on a plain step the second launch
+finds nothing to do and moves no memory.
+
+The kernels reach parameters and gradients through tables kept in `bucket.backend_cache`:
+a chunk table (one row per program: parameter address, numel, state offset, counter slot),
+rebuilt only when a parameter changes address or size, and a gradient-address vector,
+rebuilt only when a gradient does (a few recent ones are kept, so a parameter whose
+gradient comes and goes reuses them). Gradients whose strides differ from their parameter's
+are copied, each step, into a scratch tensor with the parameter's layout.
+
+Host path (no GradScaler `found_inf`, `capturable=False`): the host knows the group's
+lookahead counter (`bucket.host_count`, read from the device once when unknown), so the
+kernel is specialised for a plain step (no slow-weight code at all) or a sync step.
+Device path (`found_inf` given, or `capturable=True`): the counters, lr (a tensor lr stays
+on the device) and the sync decision live on the device, and a step performs no host
+synchronisation and no host-to-device copy once its tables exist; a step with found_inf set
+changes no tensor at all.
+
+Under TRITON_INTERPRET=1 the kernels run on CPU tensors (that is how CI runs them). On a GPU
+the launch configuration is fixed by a heuristic, not autotuned: the kernels update their
+arguments in place, and re-running them on live data to time configurations would corrupt
+the state. The kernels cover fp32, bf16 and fp16 parameters (math in fp32, state and slow
+weights of any float dtype); a group with fp64 parameters is stepped by backend "foreach".
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .._buckets import Bucket
+from . import foreach
+from ._checks import check_bucket, grad_scratch
+
+try:
+    import triton
+    import triton.language as tl
+
+    from lookahead_fused import triton_kernels as kernels
+except ImportError as e:  # triton (or the kernels package) is not installed
+    triton = tl = kernels = None  # type: ignore[assignment]
+    _IMPORT_ERROR: str | None = f"the Triton kernels cannot be imported: {e}"
+else:
+    _IMPORT_ERROR = None
+
+# Launch configuration. On a GPU: 1024 elements per block (8 per thread with 4 warps: 128-bit
+# accesses for fp32) and 16 blocks per program, so ResNet-152's 60 M parameters make a few
+# thousand programs; small tensors take one program each. Under the interpreter every
+# operation on a block is one numpy call: large blocks make a step over 200 k elements 0.05 s
+# instead of 4 s at BLOCK = 128, and a bucket of small tensors gets a block no larger than its
+# largest tensor (_block). Tests that need several blocks and programs per tensor set smaller
+# values: both are read at launch time (CHUNK also keys the cached chunk table).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+BLOCK = 16384 if INTERPRET else 1024
+CHUNK = 4 * BLOCK if INTERPRET else 16 * BLOCK
+NUM_WARPS = 4
+COUNTER_BLOCK = 128  # the counter kernel: one element per parameter
+
+# How many gradient-address vectors a bucket keeps (distinct sets of gradients seen lately).
+_GRAD_VECTORS_KEPT = 4
+
+
+def _param_dtypes() -> dict[torch.dtype, Any]:
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def unavailable(device: torch.device) -> str | None:
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    if device.type == "cpu":
+        return None if INTERPRET else "CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1)"
+    if device.type == "cuda":
+        return None if torch.cuda.is_available() else "torch.cuda.is_available() is False"
+    return f"Triton does not run on {device.type} tensors"
+
+
+def step(
+    kind: str,
+    group: dict[str, Any],
+    buckets: list[Bucket],
+    grads: list[list[Tensor | None]],
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    if not all(b.dtype in _param_dtypes() for b in buckets):
+        # One counter and one adaptive α per group: the whole group takes the other path.
+        foreach.step(kind, group, buckets, grads, grad_scale, found_inf)
+        return
+
+    on_device = found_inf is not None or bool(group.get("capturable", False))
+    k = group["k"]
+    if on_device:
+        mode = kernels.SYNC_DEVICE
+        syncs: bool | None = None  # decided on the device
+        count = None
+    else:
+        count = _host_count(buckets[0]) + 1
+        syncs = count % k == 0
+        mode = kernels.SYNC_NOW if syncs else kernels.SYNC_NEVER
+
+    launches = [
+        _Launch(kind, group, b, gs, grad_scale, found_inf, on_device) for b, gs in zip(buckets, grads, strict=True)
+    ]
+    adaptive = kind != "sgd" and group.get("adaptive_alpha", False) and syncs is not False
+    if adaptive:
+        for launch in launches:
+            launch.run(kernels.PHASE_INNER_DOTS, mode)
+        alpha_hat = _alpha_hat(group, launches)
+        for launch in launches:
+            launch.run(kernels.PHASE_SYNC_ONLY, mode, alpha_hat)
+    else:
+        for launch in launches:
+            launch.run(kernels.PHASE_STEP, mode)
+    for launch in launches:
+        launch.advance_counters(mode)
+        launch.bucket.host_count = count
+
+
+def _host_count(bucket: Bucket) -> int:
+    """The group's lookahead counter before this step, read from the device only when the host
+    does not know it (first step, or after a device-path step or another backend's step)."""
+    if bucket.host_count is None:
+        bucket.host_count = int(bucket.flat["lookahead_step"][0].item()) if bucket.params else 0
+    return bucket.host_count
+
+
+def _alpha_hat(group: dict[str, Any], launches: list[_Launch]) -> Tensor:
+    """α̂ of paper §2.1 for the group, on the device: 1 + gᵀd / dᵀÂd from the partial sums of
+    every program of every bucket, clipped to [alpha_low, 1]; the group's α where dᵀÂd is 0
+    or not finite (reference.adaptive_alpha)."""
+    device = launches[0].bucket.device
+    sums = torch.cat([launch.partials.to(device) for launch in launches]).sum(0)
+    g_dot_d, d_a_d = sums[0], sums[1]
+    alpha_hat = (1 + g_dot_d / d_a_d).clamp(group["alpha_low"], 1.0)
+    return torch.where((d_a_d != 0) & d_a_d.isfinite(), alpha_hat, group["alpha"]).to(torch.float32)
+
+
+class _Launch:
+    """The arguments of one bucket's launches in one step."""
+
+    def __init__(
+        self,
+        kind: str,
+        group: dict[str, Any],
+        bucket: Bucket,
+        grads: list[Tensor | None],
+        grad_scale: Tensor | None,
+        found_inf: Tensor | None,
+        on_device: bool,
+    ) -> None:
+        self.bucket = bucket
+        cache = bucket.backend_cache
+        self.table = _chunk_table(bucket)
+        self.grad_addresses = _grad_addresses(bucket, grads)
+        device = bucket.device
+        if "triton_zero" not in cache:  # found_inf when there is none; any dummy pointer
+            cache["triton_zero"] = torch.zeros((), dtype=torch.float32, device=device)
+        zero = cache["triton_zero"]
+        if "triton_partials" not in cache or cache["triton_partials"].shape[0] != self.table.shape[0]:
+            cache["triton_partials"] = torch.zeros(self.table.shape[0], 2, dtype=torch.float64, device=device)
+        self.partials = cache["triton_partials"]
+        self.found_inf = zero if found_inf is None else found_inf.to(device)
+        self.k = group["k"]
+        self.reset = group["inner_state"] == "reset"
+
+        flat = bucket.flat
+        momentum_key = reference.MOMENTUM_KEY[kind]
+        state = lambda key: flat.get(key, zero)  # noqa: E731  absent entries are never dereferenced
+        lr = group["lr"]
+        lr_on_device = on_device and isinstance(lr, Tensor)
+        lr_value = 0.0 if lr_on_device else float(lr)  # a tensor lr is read here on the host path
+        beta1, beta2 = group.get("betas", (0.0, 0.0))
+        momentum = group.get("momentum", 0.0)
+        self.pointers = dict(
+            table_ptr=self.table,
+            grad_address_ptr=self.grad_addresses,
+            momentum_ptr=state(momentum_key),
+            exp_avg_sq_ptr=state("exp_avg_sq"),
+            max_exp_avg_sq_ptr=state("max_exp_avg_sq"),
+            cached_ptr=state("cached_" + momentum_key),
+            slow_ptr=flat["slow_weights"],
+            step_ptr=flat["step"],
+            lookahead_ptr=flat["lookahead_step"],
+            found_inf_ptr=self.found_inf,
+            grad_scale_ptr=zero if grad_scale is None else grad_scale.to(device),
+            lr_ptr=lr.to(device) if lr_on_device else zero,
+            partial_ptr=self.partials,
+        )
+        self.scalars = dict(
+            lr=lr_value,
+            weight_decay=float(group["weight_decay"]),
+            momentum=float(momentum),
+            one_minus_dampening=1.0 - group.get("dampening", 0.0),
+            log_beta1=_log(beta1),
+            log_beta2=_log(beta2),
+            one_minus_beta1=1.0 - beta1,
+            beta2=float(beta2),
+            one_minus_beta2=1.0 - beta2,
+            eps=float(group.get("eps", 0.0)),
+            k=self.k,
+        )
+        self.constants = dict(
+            PARAM_DTYPE=_param_dtypes()[bucket.dtype],
+            ADAM=kind != "sgd",
+            DECOUPLED=kind == "adamw",
+            HAS_MOMENTUM=kind == "sgd" and momentum != 0,
+            NESTEROV=bool(group.get("nesterov", False)),
+            MAXIMIZE=bool(group["maximize"]),
+            AMSGRAD=bool(group.get("amsgrad", False)),
+            INNER_STATE=kernels.INNER_STATE_CODES[group["inner_state"]],
+            HAS_GRAD_SCALE=grad_scale is not None,
+            LR_ON_DEVICE=lr_on_device,
+        )
+        self.alpha = float(group["alpha"])
+
+    def run(self, phase: int, mode: int, alpha: Tensor | None = None) -> None:
+        programs = self.table.shape[0]
+        if programs == 0:
+            return  # only empty tensors
+        kernels.lookahead_step_kernel[(programs,)](
+            **self.pointers,
+            alpha_ptr=self.found_inf if alpha is None else alpha,
+            alpha=self.alpha,
+            **self.scalars,
+            **self.constants,
+            ALPHA_ON_DEVICE=alpha is not None,
+            PHASE=phase,
+            SYNC=mode,
+            BLOCK=_block(self.bucket),
+            num_warps=NUM_WARPS,
+        )
+
+    def advance_counters(self, mode: int) -> None:
+        n = len(self.bucket.params)
+        if n == 0:
+            return
+        flat = self.bucket.flat
+        kernels.advance_counters_kernel[(triton.cdiv(n, COUNTER_BLOCK),)](
+            flat["step"], flat["lookahead_step"], self.grad_addresses, self.found_inf, n, self.k,
+            SYNC=mode, RESET=self.reset, BLOCK=COUNTER_BLOCK,
+        )  # fmt: skip
+
+
+def _block(bucket: Bucket) -> int:
+    """BLOCK, or under the interpreter the smallest power of two that holds the bucket's
+    largest tensor if that is smaller (every block operation costs the same numpy overhead)."""
+    if not INTERPRET:
+        return BLOCK
+    largest = max((p.numel() for p in bucket.params), default=1)
+    return min(BLOCK, max(16, triton.next_power_of_2(largest)))
+
+
+def _log(beta: float) -> float:
+    """log β for the bias corrections 1 − β^step = 1 − exp(step · log β); β = 0 gives −inf
+    and a correction of exactly 1."""
+    return math.log(beta) if beta > 0 else float("-inf")
+
+
+# ---------------------------------------------------------------------------------------
+# Tables.
+# ---------------------------------------------------------------------------------------
+
+
+def _chunk_table(b: Bucket) -> Tensor:
+    """The bucket's chunk table (triton_kernels/lookahead.py), rebuilt only when a parameter's
+    address or size changes (`.data` replaced, `model.half()`)."""
+    cache = b.backend_cache
+    key = (tuple(map(Tensor.data_ptr, b.params)), tuple(map(Tensor.numel, b.params)), CHUNK)
+    if cache.get("triton_table_key") != key:
+        cache["triton_table"] = _build_chunk_table(b)
+        cache["triton_table_key"] = key
+        cache["builds"] = cache.get("builds", 0) + 1  # tests check that tables are reused
+    return cache["triton_table"]
+
+
+def _build_chunk_table(b: Bucket) -> Tensor:
+    check_bucket("triton", b)
+    rows = []
+    for i, (p, offset) in enumerate(zip(b.params, b.offsets)):
+        address, size = p.data_ptr(), p.element_size()
+        for first in range(0, p.numel(), CHUNK):
+            rows.append((address + first * size, first, min(CHUNK, p.numel() - first), offset + first, i))
+    table = torch.tensor(rows, dtype=torch.int64).reshape(-1, kernels.TABLE_COLUMNS)
+    return table.to(b.device)
+
+
+def _grad_addresses(b: Bucket, grads: list[Tensor | None]) -> Tensor:
+    """The gradient-address vector (0 where a parameter has no gradient). Gradients laid out
+    unlike their parameter (other strides or dtype) are copied into a scratch tensor with the
+    parameter's layout, every step, and the vector points at the scratch."""
+    cache = b.backend_cache
+    kept: dict[tuple, tuple[Tensor, dict[int, Tensor]]] = cache.setdefault("triton_grads", {})
+    key = tuple(None if g is None else (g.data_ptr(), g.stride(), g.dtype) for g in grads)
+    if key not in kept:
+        if len(kept) >= _GRAD_VECTORS_KEPT:
+            kept.pop(next(iter(kept)))  # the oldest
+        kept[key] = _build_grad_addresses(b, grads)
+    vector, relayout = kept[key]
+    for i, scratch in relayout.items():
+        scratch.copy_(grads[i])
+    return vector
+
+
+def _build_grad_addresses(b: Bucket, grads: list[Tensor | None]) -> tuple[Tensor, dict[int, Tensor]]:
+    addresses = []
+    relayout: dict[int, Tensor] = {}
+    for i, (p, g) in enumerate(zip(b.params, grads, strict=True)):
+        if g is None:
+            addresses.append(0)
+        elif g.numel() == 0:
+            addresses.append(1)  # has a gradient (the counters advance) but nothing to read
+        else:
+            scratch = grad_scratch("triton", i, p, g)
+            if scratch is not None:
+                relayout[i] = scratch
+            addresses.append((g if scratch is None else scratch).data_ptr())
+    return torch.tensor(addresses, dtype=torch.int64).to(b.device), relayout
