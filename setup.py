@@ -47,7 +47,10 @@ setup(
     name="lookahead_fused",
     version="0.1.0",
     description="Lookahead fused with SGD/Adam/AdamW: one pass per parameter bucket per step",
-    packages=find_packages(include=["lookahead_fused", "lookahead_fused.*"]),
+    # triton_kernels/ sits beside csrc/ in the tree but installs inside the package
+    # (DESIGN.md §3), so it never becomes a top-level module of its own.
+    packages=[*find_packages(include=["lookahead_fused", "lookahead_fused.*"]), "lookahead_fused.triton_kernels"],
+    package_dir={"lookahead_fused.triton_kernels": "triton_kernels"},
     ext_modules=[CMakeExtension("lookahead_fused._C")],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cpu_kernels.h"
+#include "cuda/lookahead_kernels.h"
 
 namespace py = pybind11;
 using namespace lookahead_fused::cpu;
@@ -51,7 +52,90 @@ py::dict build_info() {
   info["cuda"] = false;
   info["cuda_architectures"] = std::vector<std::string>{};
 #endif
+  info["cuda_emulated"] = true;  // csrc/cuda/emulated.cpp: the CUDA kernels compiled for the host
   return info;
+}
+
+// The CUDA kernels' entry points for one build (GPU or host emulation), under a prefix.
+template <void (*kStep)(const lookahead_fused::gpu::LaunchArgs&),
+          void (*kFinalize)(const lookahead_fused::gpu::FinalizeArgs&)>
+void def_kernel_api(py::module_& m, const std::string& prefix, const char* what) {
+  using lookahead_fused::gpu::FinalizeArgs;
+  using lookahead_fused::gpu::LaunchArgs;
+  m.def(
+      (prefix + "step").c_str(),
+      [](const LaunchArgs& a) {
+        py::gil_scoped_release no_gil;
+        kStep(a);
+      },
+      py::arg("args"), (std::string("One fused step of one bucket: ") + what).c_str());
+  m.def(
+      (prefix + "finalize_alpha").c_str(),
+      [](const FinalizeArgs& a) {
+        py::gil_scoped_release no_gil;
+        kFinalize(a);
+      },
+      py::arg("args"), "Adaptive alpha of a group from its buckets' partial sums (device-side).");
+}
+
+void def_gpu_interface(py::module_& m) {
+  namespace gpu = lookahead_fused::gpu;
+  py::enum_<gpu::Phase>(m, "LaunchPhase")
+      .value("step", gpu::Phase::kStep)
+      .value("inner_dots", gpu::Phase::kInnerDots)
+      .value("sync_only", gpu::Phase::kSyncOnly);
+
+#define LAF_FIELD(name) .def_readwrite(#name, &gpu::LaunchArgs::name)
+  py::class_<gpu::LaunchArgs>(m, "LaunchArgs", "Device addresses, sizes and hyperparameters of one bucket's launch.")
+      .def(py::init<>())  //
+      LAF_FIELD(segments) LAF_FIELD(num_segments) LAF_FIELD(chunks) LAF_FIELD(num_chunks) LAF_FIELD(chunk_size)
+      LAF_FIELD(grid) LAF_FIELD(block) LAF_FIELD(kind) LAF_FIELD(phase) LAF_FIELD(inner_state)
+      LAF_FIELD(param_dtype) LAF_FIELD(state_dtype) LAF_FIELD(slow_dtype) LAF_FIELD(momentum) LAF_FIELD(exp_avg_sq)
+      LAF_FIELD(max_exp_avg_sq) LAF_FIELD(cached_momentum) LAF_FIELD(slow) LAF_FIELD(step) LAF_FIELD(lookahead_step)
+      LAF_FIELD(lr_ptr) LAF_FIELD(lr_is_double) LAF_FIELD(grad_scale_ptr) LAF_FIELD(found_inf_ptr)
+      LAF_FIELD(alpha_ptr) LAF_FIELD(partials) LAF_FIELD(lr) LAF_FIELD(momentum_coef) LAF_FIELD(dampening)
+      LAF_FIELD(weight_decay) LAF_FIELD(nesterov) LAF_FIELD(maximize) LAF_FIELD(amsgrad) LAF_FIELD(beta1)
+      LAF_FIELD(beta2) LAF_FIELD(eps) LAF_FIELD(alpha) LAF_FIELD(k) LAF_FIELD(advance_counters) LAF_FIELD(stream)
+      LAF_FIELD(device);
+#undef LAF_FIELD
+  py::class_<gpu::FinalizeArgs>(m, "FinalizeArgs", "Inputs of adaptive alpha's second reduction stage.")
+      .def(py::init<>())
+      .def_readwrite("partials", &gpu::FinalizeArgs::partials)
+      .def_readwrite("num_partials", &gpu::FinalizeArgs::num_partials)
+      .def_readwrite("alpha", &gpu::FinalizeArgs::alpha)
+      .def_readwrite("alpha_low", &gpu::FinalizeArgs::alpha_low)
+      .def_readwrite("alpha_out", &gpu::FinalizeArgs::alpha_out)
+      .def_readwrite("stream", &gpu::FinalizeArgs::stream)
+      .def_readwrite("device", &gpu::FinalizeArgs::device);
+
+  namespace emu = lookahead_fused::emulated;
+  def_kernel_api<&emu::step, &emu::finalize_alpha>(m, "emulated_", "the CUDA kernels run on CPU memory");
+  m.def(
+      "emulated_traffic",
+      [] {
+        const emu::TrafficCounts t = emu::traffic_counts();
+        py::dict d;
+        d["loaded"] = t.loaded;
+        d["stored"] = t.stored;
+        d["meta_loaded"] = t.meta_loaded;
+        d["meta_stored"] = t.meta_stored;
+        d["launches"] = t.launches;
+        return d;
+      },
+      "Bytes the emulated kernels loaded and stored since the last reset: per element (loaded, stored), "
+      "per chunk (meta_loaded, meta_stored: chunk table, counters, device scalars), and launches.");
+  m.def("emulated_traffic_reset", &emu::traffic_reset, "Zero the emulated kernels' traffic counters.");
+#if defined(LOOKAHEAD_FUSED_WITH_CUDA)
+  namespace cu = lookahead_fused::cuda;
+  def_kernel_api<&cu::step, &cu::finalize_alpha>(m, "cuda_", "CUDA kernels on the given stream");
+  m.def(
+      "cuda_kernel_unavailable",
+      [](int device) {
+        py::gil_scoped_release no_gil;
+        return cu::kernel_unavailable(device);
+      },
+      py::arg("device"), "Why the CUDA kernels cannot run on this device ('' when they can).");
+#endif
 }
 
 }  // namespace
@@ -118,6 +202,8 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("args"),
       "One fused step of one bucket; returns (g·d, dᵀÂd), the adaptive-α sums (zeros unless phase=inner_dots).");
+
+  def_gpu_interface(m);
 
   m.def(
       "stream_floor",

@@ -45,8 +45,9 @@ struct raw_type<fp16> {
 template <typename T>
 using raw_t = typename raw_type<T>::type;
 
+// The intrinsics exist in device code only; nvcc's host pass takes the memcpy.
 LAF_HD uint32_t float_bits(float x) {
-#if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__)
   return __float_as_uint(x);
 #else
   uint32_t u;
@@ -56,7 +57,7 @@ LAF_HD uint32_t float_bits(float x) {
 }
 
 LAF_HD float bits_float(uint32_t u) {
-#if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__)
   return __uint_as_float(u);
 #else
   float x;

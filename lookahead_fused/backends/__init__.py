@@ -26,6 +26,9 @@ _MODULES = {
     "eager": "lookahead_fused.backends.eager",
     "foreach": "lookahead_fused.backends.foreach",
     "cpu": "lookahead_fused.backends.cpu",
+    "triton": "lookahead_fused.backends.triton",
+    "cuda": "lookahead_fused.backends.cuda",
+    "cuda_emulated": "lookahead_fused.backends.cuda_emulated",
 }
 
 # What "auto" prefers, fastest first, per device type; "foreach" runs anywhere.
