@@ -94,8 +94,8 @@ class Bucket:
                     )
                 if g.device != p.device:
                     raise RuntimeError(f"{who}: gradient on {g.device} for a parameter on {p.device}")
-                if g.is_complex() or not g.is_floating_point():
-                    raise RuntimeError(f"{who} does not support gradients of dtype {g.dtype}")
+                if g.dtype != p.dtype:
+                    raise RuntimeError(f"{who}: gradient of dtype {g.dtype} for a parameter of dtype {p.dtype}")
             out.append(g)
         return out
 

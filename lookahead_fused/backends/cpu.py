@@ -32,8 +32,9 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._buckets import Bucket, is_dense
+from .._buckets import Bucket
 from . import eager
+from ._checks import check_bucket, grad_scratch
 
 try:
     from .. import _C
@@ -161,12 +162,11 @@ def _segment_table(b: Bucket, grads: list[Tensor | None]) -> Tensor:
     param_key = (tuple(map(Tensor.data_ptr, b.params)), tuple(map(Tensor.numel, b.params)))
     grad_key = tuple(map(_grad_layout, grads))
     if cache.get("param_key") != param_key:
-        _check_state(b)
-        cache["table"], cache["strides"] = _build_table(b)
+        cache["table"] = _build_table(b)
         cache["param_key"], cache["grad_key"] = param_key, None
         cache["builds"] = cache.get("builds", 0) + 1  # tests check that tables are reused
     if cache["grad_key"] != grad_key:
-        cache["relayout"] = _set_grads(b, cache["table"], cache["strides"], grads)
+        cache["relayout"] = _set_grads(b, cache["table"], grads)
         cache["grad_key"] = grad_key
         cache["grad_updates"] = cache.get("grad_updates", 0) + 1
     # Gradients whose layout differs from their parameter's are copied, every step, into a
@@ -176,68 +176,22 @@ def _segment_table(b: Bucket, grads: list[Tensor | None]) -> Tensor:
     return cache["table"]
 
 
-def _check_state(b: Bucket) -> None:
-    for key, buf in b.flat.items():
-        want = len(b.params) if key in ("step", "lookahead_step") else b.numel
-        if buf.device.type != "cpu" or not buf.is_contiguous() or buf.numel() != want:
-            raise RuntimeError(f"the cpu backend found state '{key}' of the wrong device, layout or size")
+def _build_table(b: Bucket) -> Tensor:
+    """Rows for the parameters (gradient columns empty)."""
+    check_bucket("cpu", b)
+    rows = [(p.data_ptr(), 0, p.numel(), offset, i, 0) for i, (p, offset) in enumerate(zip(b.params, b.offsets))]
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1, _SEGMENT_COLUMNS)
 
 
-def _holds(t: Tensor) -> bool:
-    """The tensor's storage really holds its numel() elements from its data pointer on (a
-    storage can be resized after the tensor was made)."""
-    end = (t.storage_offset() + t.numel()) * t.element_size()
-    return t.untyped_storage().nbytes() >= end
-
-
-def _where(i: int, p: Tensor) -> str:
-    return f"parameter {i} of shape {tuple(p.shape)}"
-
-
-def _build_table(b: Bucket) -> tuple[Tensor, list[tuple[int, ...]]]:
-    """Rows for the parameters (gradient columns empty) and the parameters' strides."""
-    rows = []
-    for i, (p, offset) in enumerate(zip(b.params, b.offsets, strict=True)):
-        where = _where(i, p)
-        if p.device.type != "cpu":
-            raise RuntimeError(f"the cpu backend got {where} on {p.device}")
-        if p.dtype != b.dtype:
-            raise RuntimeError(f"the cpu backend got {where} of dtype {p.dtype} in a {b.dtype} bucket")
-        if not is_dense(p) or any(s < 0 for s in p.stride()):
-            raise RuntimeError(f"the cpu backend needs dense parameters; {where} has strides {p.stride()}")
-        if not _holds(p):
-            raise RuntimeError(f"the storage of {where} is smaller than the parameter (was it resized?)")
-        end = b.offsets[i + 1] if i + 1 < len(b.offsets) else b.numel
-        if p.numel() != end - offset:
-            raise RuntimeError(f"{where} has {p.numel()} elements, its optimizer state {end - offset}")
-        rows.append((p.data_ptr(), 0, p.numel(), offset, i, 0))
-    table = torch.tensor(rows, dtype=torch.int64).reshape(-1, _SEGMENT_COLUMNS)
-    return table, [p.stride() for p in b.params]
-
-
-def _set_grads(
-    b: Bucket, table: Tensor, strides: list[tuple[int, ...]], grads: list[Tensor | None]
-) -> dict[int, Tensor]:
+def _set_grads(b: Bucket, table: Tensor, grads: list[Tensor | None]) -> dict[int, Tensor]:
     """Check the gradients and write their addresses into the table. Returns the scratch
     tensors of gradients that must be copied into their parameter's layout."""
     relayout: dict[int, Tensor] = {}
     columns = []
-    for i, (p, g, stride) in enumerate(zip(b.params, grads, strides, strict=True)):
-        if g is None:
-            columns.append((0, 0))
-            continue
-        if g.dtype != p.dtype:
-            raise RuntimeError(
-                f"the cpu backend needs gradients of the parameter's dtype; {_where(i, p)} has a {g.dtype} gradient"
-            )
-        if g.device.type != "cpu":
-            raise RuntimeError(f"the cpu backend got a gradient on {g.device} for {_where(i, p)}")
-        if not _holds(g):
-            raise RuntimeError(f"the storage of the gradient of {_where(i, p)} is smaller than the gradient")
-        if g.stride() != stride:
-            relayout[i] = torch.empty_like(p)  # dense p: empty_like keeps its strides
-            columns.append((relayout[i].data_ptr(), 1))
-        else:
-            columns.append((g.data_ptr(), 1))
+    for i, (p, g) in enumerate(zip(b.params, grads, strict=True)):
+        scratch = None if g is None else grad_scratch("cpu", i, p, g)
+        if scratch is not None:
+            relayout[i] = scratch
+        columns.append((0, 0) if g is None else ((g if scratch is None else scratch).data_ptr(), 1))
     table[:, [1, 5]] = torch.tensor(columns, dtype=torch.int64).reshape(-1, 2)
     return relayout

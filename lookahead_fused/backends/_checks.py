@@ -1,0 +1,58 @@
+"""What every compiled backend checks before a bucket's addresses cross into a kernel.
+
+The kernels walk raw pointers: a parameter that is not dense, whose storage was shrunk
+after the optimizer was built, or whose size no longer matches its state would make them
+read or write out of bounds. These checks run when a backend (re)builds its tables, i.e.
+whenever a parameter's address or size changes, and for gradients whenever one changes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._buckets import COUNTER_KEYS, Bucket, is_dense
+
+
+def holds(t: Tensor) -> bool:
+    """The tensor's storage really holds its numel() elements from its data pointer on (a
+    storage can be resized after the tensor was made)."""
+    return t.untyped_storage().nbytes() >= (t.storage_offset() + t.numel()) * t.element_size()
+
+
+def where(i: int, p: Tensor) -> str:
+    return f"parameter {i} of shape {tuple(p.shape)}"
+
+
+def check_bucket(backend: str, b: Bucket) -> None:
+    """The bucket's state buffers and parameters are what the kernels assume."""
+    for key, buf in b.flat.items():
+        want = len(b.params) if key in COUNTER_KEYS else b.numel
+        if buf.device != b.device or not buf.is_contiguous() or buf.numel() != want:
+            raise RuntimeError(f"the {backend} backend found state '{key}' of the wrong device, layout or size")
+        if key in COUNTER_KEYS and buf.dtype != torch.float32:
+            raise RuntimeError(f"the {backend} backend needs float32 counters, found {buf.dtype} for '{key}'")
+    for i, (p, offset) in enumerate(zip(b.params, b.offsets)):
+        if p.device != b.device or p.dtype != b.dtype:
+            raise RuntimeError(
+                f"the {backend} backend got {where(i, p)} on {p.device} with dtype {p.dtype} "
+                f"in a {b.dtype} bucket on {b.device}"
+            )
+        if not is_dense(p) or any(s < 0 for s in p.stride()):
+            raise RuntimeError(f"the {backend} backend needs dense parameters; {where(i, p)} has strides {p.stride()}")
+        if not holds(p):
+            raise RuntimeError(f"the storage of {where(i, p)} is smaller than the parameter (was it resized?)")
+        end = b.offsets[i + 1] if i + 1 < len(b.offsets) else b.numel
+        if p.numel() != end - offset:
+            raise RuntimeError(f"{where(i, p)} has {p.numel()} elements, its optimizer state {end - offset}")
+
+
+def grad_scratch(backend: str, i: int, p: Tensor, g: Tensor) -> Tensor | None:
+    """Check a gradient (the front-end has checked shape, device and dtype already). Returns
+    None when the kernel can read it in place, or a scratch tensor with the parameter's
+    layout that the caller must copy it into every step (its strides differ)."""
+    if not holds(g):
+        raise RuntimeError(f"the storage of the gradient of {where(i, p)} is smaller than the gradient")
+    if g.stride() != p.stride() and p.numel() > 1:
+        return torch.empty_like(p)  # p is dense: empty_like keeps its strides
+    return None
