@@ -31,10 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import reference
 from .._buckets import Bucket
 from . import eager
-from ._checks import check_bucket, grad_scratch
+from ._compiled import check_bucket, grad_scratch, set_bucket_args
 
 try:
     from .. import _C
@@ -49,10 +48,6 @@ else:
 CHUNK = 1 << 16
 
 _SEGMENT_COLUMNS = 6  # csrc/cpu_kernels.h: struct Segment
-
-
-def _dtype_codes() -> dict[torch.dtype, Any]:
-    return {torch.float32: _C.DType.float32, torch.bfloat16: _C.DType.bfloat16, torch.float16: _C.DType.float16}
 
 
 def unavailable(device: torch.device) -> str | None:
@@ -114,31 +109,13 @@ def _compiled(bucket: Bucket) -> bool:
 
 
 def _step_args(kind: str, group: dict[str, Any], b: Bucket, table: Tensor, grad_scale: float) -> Any:
-    codes = _dtype_codes()
     a = _C.StepArgs()
     a.table, a.num_segments, a.numel, a.chunk = table.data_ptr(), table.shape[0], b.numel, CHUNK
-    a.kind = getattr(_C.Kind, kind)
-    a.inner_state = getattr(_C.InnerState, group["inner_state"])
-    a.param_dtype, a.state_dtype, a.slow_dtype = codes[b.dtype], codes[b.state_dtype], codes[b.slow_dtype]
-    flat = b.flat
-    momentum_key = reference.MOMENTUM_KEY[kind]
-    address = lambda key: flat[key].data_ptr() if key in flat else 0  # noqa: E731
-    a.momentum = address(momentum_key)
-    a.exp_avg_sq = address("exp_avg_sq")
-    a.max_exp_avg_sq = address("max_exp_avg_sq")
-    a.cached_momentum = address("cached_" + momentum_key)
-    a.slow = address("slow_weights")
-    a.step = address("step")
+    set_bucket_args(a, kind, group, b)
     lr = group["lr"]
     a.lr = lr.item() if isinstance(lr, Tensor) else float(lr)
-    a.weight_decay = group["weight_decay"]
-    a.maximize = group["maximize"]
     a.alpha = group["alpha"]
     a.grad_scale = grad_scale
-    if kind == "sgd":
-        a.momentum_coef, a.dampening, a.nesterov = group["momentum"], group["dampening"], group["nesterov"]
-    else:
-        (a.beta1, a.beta2), a.eps, a.amsgrad = group["betas"], group["eps"], group["amsgrad"]
     return a
 
 

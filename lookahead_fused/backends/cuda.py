@@ -38,10 +38,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import reference
 from .._buckets import Bucket
 from . import foreach
-from ._checks import check_bucket, grad_scratch
+from ._compiled import check_bucket, grad_scratch, set_bucket_args
 
 try:
     from .. import _C
@@ -174,10 +173,6 @@ def _compiled(bucket: Bucket) -> bool:
     return bucket.dtype in _SUPPORTED and bucket.state_dtype in own and bucket.slow_dtype in own
 
 
-def _dtype_code(dtype: torch.dtype) -> Any:
-    return {torch.float32: _C.DType.float32, torch.bfloat16: _C.DType.bfloat16, torch.float16: _C.DType.float16}[dtype]
-
-
 def _device_scalar(t: Tensor | None, b: Bucket, what: str) -> int:
     """Address of GradScaler's one-element fp32 tensor on the bucket's device (0 for None).
     GradScaler keeps one per device; another device's is copied, as torch's fused optimizers
@@ -205,20 +200,9 @@ def _launch_args(
     a.segments, a.num_segments = segments.data_ptr(), segments.shape[0]
     a.chunks, a.num_chunks, a.chunk_size = chunks.data_ptr(), chunks.shape[0], target.chunk_size
     a.grid, a.block = grid, target.block
-    a.kind = getattr(_C.Kind, kind)
     a.phase = _C.LaunchPhase.step
-    a.inner_state = getattr(_C.InnerState, group["inner_state"])
-    a.param_dtype, a.state_dtype, a.slow_dtype = map(_dtype_code, (b.dtype, b.state_dtype, b.slow_dtype))
-    flat = b.flat
-    momentum_key = reference.MOMENTUM_KEY[kind]
-    address = lambda key: flat[key].data_ptr() if key in flat else 0  # noqa: E731
-    a.momentum = address(momentum_key)
-    a.exp_avg_sq = address("exp_avg_sq")
-    a.max_exp_avg_sq = address("max_exp_avg_sq")
-    a.cached_momentum = address("cached_" + momentum_key)
-    a.slow = address("slow_weights")
-    a.step = address("step")
-    a.lookahead_step = address("lookahead_step")
+    set_bucket_args(a, kind, group, b)
+    a.lookahead_step = b.flat["lookahead_step"].data_ptr()
     lr = group["lr"]
     if isinstance(lr, Tensor):  # read by the kernel: capturable, and no host sync
         if lr.device != b.device or lr.dtype not in (torch.float32, torch.float64):
@@ -228,11 +212,7 @@ def _launch_args(
         a.lr = float(lr)
     a.grad_scale_ptr = _device_scalar(grad_scale, b, "grad_scale")
     a.found_inf_ptr = _device_scalar(found_inf, b, "found_inf")
-    a.weight_decay, a.maximize, a.alpha, a.k = group["weight_decay"], group["maximize"], group["alpha"], group["k"]
-    if kind == "sgd":
-        a.momentum_coef, a.dampening, a.nesterov = group["momentum"], group["dampening"], group["nesterov"]
-    else:
-        (a.beta1, a.beta2), a.eps, a.amsgrad = group["betas"], group["eps"], group["amsgrad"]
+    a.alpha, a.k = group["alpha"], group["k"]
     a.stream = target.stream(b.device)
     a.device = b.device.index if b.device.index is not None else 0
     return a

@@ -45,7 +45,7 @@ from torch import Tensor
 from .. import reference
 from .._buckets import Bucket
 from . import foreach
-from ._checks import check_bucket, grad_scratch
+from ._compiled import check_bucket, grad_scratch
 
 try:
     import triton

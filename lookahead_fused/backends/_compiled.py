@@ -1,4 +1,6 @@
-"""What every compiled backend checks before a bucket's addresses cross into a kernel.
+"""What the compiled backends (cpu, cuda, cuda_emulated, triton) share: the checks made
+before a bucket's addresses cross into a kernel, and the filling of the kernel arguments
+that describe a bucket.
 
 The kernels walk raw pointers: a parameter that is not dense, whose storage was shrunk
 after the optimizer was built, or whose size no longer matches its state would make them
@@ -8,9 +10,12 @@ whenever a parameter's address or size changes, and for gradients whenever one c
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
+from .. import reference
 from .._buckets import COUNTER_KEYS, Bucket, is_dense
 
 
@@ -56,3 +61,26 @@ def grad_scratch(backend: str, i: int, p: Tensor, g: Tensor) -> Tensor | None:
     if g.stride() != p.stride() and p.numel() > 1:
         return torch.empty_like(p)  # p is dense: empty_like keeps its strides
     return None
+
+
+def set_bucket_args(a: Any, kind: str, group: dict[str, Any], b: Bucket) -> None:
+    """Fill the fields that `_C.StepArgs` (cpu) and `_C.LaunchArgs` (cuda) share: the
+    variant, the bucket's state addresses (0 where the variant has no such buffer) and the
+    group's hyperparameters. lr, alpha and the GradScaler inputs differ and are the caller's."""
+    # The enums live in _C: read their types off the argument object, so that this module
+    # does not import _C (the triton backend uses the checks above without it).
+    a.kind = getattr(type(a.kind), kind)
+    a.inner_state = getattr(type(a.inner_state), group["inner_state"])
+    dtype = type(a.param_dtype)
+    code = {torch.float32: dtype.float32, torch.bfloat16: dtype.bfloat16, torch.float16: dtype.float16}
+    a.param_dtype, a.state_dtype, a.slow_dtype = code[b.dtype], code[b.state_dtype], code[b.slow_dtype]
+    momentum_key = reference.MOMENTUM_KEY[kind]
+    address = lambda key: b.flat[key].data_ptr() if key in b.flat else 0  # noqa: E731
+    a.momentum, a.cached_momentum = address(momentum_key), address("cached_" + momentum_key)
+    a.exp_avg_sq, a.max_exp_avg_sq = address("exp_avg_sq"), address("max_exp_avg_sq")
+    a.slow, a.step = address("slow_weights"), address("step")
+    a.weight_decay, a.maximize = group["weight_decay"], group["maximize"]
+    if kind == "sgd":
+        a.momentum_coef, a.dampening, a.nesterov = group["momentum"], group["dampening"], group["nesterov"]
+    else:
+        (a.beta1, a.beta2), a.eps, a.amsgrad = group["betas"], group["eps"], group["amsgrad"]
