@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "lookahead_math.h"
+#include "variant_dispatch.h"
 
 namespace lookahead_fused::cpu {
 namespace {
@@ -195,43 +196,27 @@ StepResult run(const StepArgs& a, Context& c) {
   return StepResult{gd, dad};
 }
 
-template <typename P, typename S, typename F>
-StepResult dispatch_kind(const StepArgs& a, Context& c) {
-  auto with_phase = [&](auto adam_kind, auto has_m, auto amsgrad) -> StepResult {
-    constexpr bool kA = decltype(adam_kind)::value, kM = decltype(has_m)::value, kAms = decltype(amsgrad)::value;
-    switch (a.phase) {
-      case Phase::kPlain:
-        return run<kA, kM, kAms, Phase::kPlain, P, S, F>(a, c);
-      case Phase::kSync:
-        return run<kA, kM, kAms, Phase::kSync, P, S, F>(a, c);
-      case Phase::kInnerDots:
-        if constexpr (kA) return run<kA, kM, kAms, Phase::kInnerDots, P, S, F>(a, c);
-        throw std::invalid_argument("adaptive alpha needs Adam");
-      case Phase::kSyncOnly:
-        return run<kA, kM, kAms, Phase::kSyncOnly, P, S, F>(a, c);
-    }
-    throw std::invalid_argument("unknown phase");
-  };
-  using T = std::true_type;
-  using N = std::false_type;
-  if (a.kind == Kind::kSgd) return a.momentum_coef != 0 ? with_phase(N{}, T{}, N{}) : with_phase(N{}, N{}, N{});
-  return a.amsgrad ? with_phase(T{}, T{}, T{}) : with_phase(T{}, T{}, N{});
-}
-
-// State and slow weights are fp32 or the parameter's own dtype.
 template <typename P>
-StepResult dispatch_storage(const StepArgs& a, Context& c, DType p_dtype) {
-  const bool s32 = a.state_dtype == DType::kFloat32, f32 = a.slow_dtype == DType::kFloat32;
-  if ((!s32 && a.state_dtype != p_dtype) || (!f32 && a.slow_dtype != p_dtype))
-    throw std::invalid_argument("state and slow weights must be float32 or the parameter's dtype");
-  if constexpr (std::is_same_v<P, float>) {
-    return dispatch_kind<float, float, float>(a, c);
-  } else {
-    if (s32 && f32) return dispatch_kind<P, float, float>(a, c);
-    if (s32) return dispatch_kind<P, float, P>(a, c);
-    if (f32) return dispatch_kind<P, P, float>(a, c);
-    return dispatch_kind<P, P, P>(a, c);
-  }
+StepResult dispatch(const StepArgs& a, Context& c) {
+  return with_storage<P>(a.state_dtype, a.slow_dtype, a.param_dtype, [&](auto s, auto f) {
+    using S = typename std::decay_t<decltype(s)>::type;  // decay: GCC sees a reference in the inner lambda
+    using F = typename std::decay_t<decltype(f)>::type;
+    return with_inner(a.kind, a.momentum_coef != 0, a.amsgrad, [&](auto adam, auto has_m, auto ams) -> StepResult {
+      constexpr bool kA = decltype(adam)::value, kM = decltype(has_m)::value, kAms = decltype(ams)::value;
+      switch (a.phase) {
+        case Phase::kPlain:
+          return run<kA, kM, kAms, Phase::kPlain, P, S, F>(a, c);
+        case Phase::kSync:
+          return run<kA, kM, kAms, Phase::kSync, P, S, F>(a, c);
+        case Phase::kInnerDots:
+          if constexpr (kA) return run<kA, kM, kAms, Phase::kInnerDots, P, S, F>(a, c);
+          throw std::invalid_argument("adaptive alpha needs Adam");
+        case Phase::kSyncOnly:
+          return run<kA, kM, kAms, Phase::kSyncOnly, P, S, F>(a, c);
+      }
+      throw std::invalid_argument("unknown phase");
+    });
+  });
 }
 
 }  // namespace
@@ -269,11 +254,11 @@ StepResult lookahead_step(const StepArgs& a) {
   c.slow = reinterpret_cast<void*>(a.slow);
   switch (a.param_dtype) {
     case DType::kFloat32:
-      return dispatch_storage<float>(a, c, DType::kFloat32);
+      return dispatch<float>(a, c);
     case DType::kBFloat16:
-      return dispatch_storage<bf16>(a, c, DType::kBFloat16);
+      return dispatch<bf16>(a, c);
     case DType::kFloat16:
-      return dispatch_storage<fp16>(a, c, DType::kFloat16);
+      return dispatch<fp16>(a, c);
   }
   throw std::invalid_argument("unsupported parameter dtype");
 }

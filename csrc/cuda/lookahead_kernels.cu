@@ -29,6 +29,7 @@
 #include "../cuda_compat.h"
 #include "../lookahead_math.h"
 #include "lookahead_kernels.h"
+#include "../variant_dispatch.h"
 
 #include <stdexcept>
 #include <string>
@@ -415,41 +416,25 @@ void launch_step(const gpu::LaunchArgs& a, const Params& p) {
                                                : "lookahead step_kernel");
 }
 
-template <typename P, typename S, typename F>
-void dispatch_variant(const gpu::LaunchArgs& a, const Params& p) {
-  auto with_phase = [&](auto adam_kind, auto has_m, auto amsgrad) {
-    constexpr bool kA = decltype(adam_kind)::value, kM = decltype(has_m)::value, kAms = decltype(amsgrad)::value;
-    switch (a.phase) {
-      case Phase::kStep:
-        return launch_step<Variant<kA, kM, kAms, Phase::kStep, P, S, F>>(a, p);
-      case Phase::kInnerDots:
-        if constexpr (kA) return launch_step<Variant<kA, kM, kAms, Phase::kInnerDots, P, S, F>>(a, p);
-        throw std::invalid_argument("adaptive alpha needs Adam");
-      case Phase::kSyncOnly:
-        return launch_step<Variant<kA, kM, kAms, Phase::kSyncOnly, P, S, F>>(a, p);
-    }
-    throw std::invalid_argument("unknown phase");
-  };
-  using T = std::true_type;
-  using N = std::false_type;
-  if (a.kind == Kind::kSgd) return a.momentum_coef != 0 ? with_phase(N{}, T{}, N{}) : with_phase(N{}, N{}, N{});
-  return a.amsgrad ? with_phase(T{}, T{}, T{}) : with_phase(T{}, T{}, N{});
-}
-
-// State and slow weights are fp32 or the parameter's own dtype.
 template <typename P>
-void dispatch_storage(const gpu::LaunchArgs& a, const Params& p, DType p_dtype) {
-  const bool s32 = a.state_dtype == DType::kFloat32, f32 = a.slow_dtype == DType::kFloat32;
-  if ((!s32 && a.state_dtype != p_dtype) || (!f32 && a.slow_dtype != p_dtype))
-    throw std::invalid_argument("state and slow weights must be float32 or the parameter's dtype");
-  if constexpr (std::is_same_v<P, float>) {
-    dispatch_variant<float, float, float>(a, p);
-  } else {
-    if (s32 && f32) return dispatch_variant<P, float, float>(a, p);
-    if (s32) return dispatch_variant<P, float, P>(a, p);
-    if (f32) return dispatch_variant<P, P, float>(a, p);
-    dispatch_variant<P, P, P>(a, p);
-  }
+void dispatch(const gpu::LaunchArgs& a, const Params& p) {
+  with_storage<P>(a.state_dtype, a.slow_dtype, a.param_dtype, [&](auto s, auto f) {
+    using S = typename std::decay_t<decltype(s)>::type;  // decay: GCC sees a reference in the inner lambda
+    using F = typename std::decay_t<decltype(f)>::type;
+    with_inner(a.kind, a.momentum_coef != 0, a.amsgrad, [&](auto adam, auto has_m, auto ams) {
+      constexpr bool kA = decltype(adam)::value, kM = decltype(has_m)::value, kAms = decltype(ams)::value;
+      switch (a.phase) {
+        case Phase::kStep:
+          return launch_step<Variant<kA, kM, kAms, Phase::kStep, P, S, F>>(a, p);
+        case Phase::kInnerDots:
+          if constexpr (kA) return launch_step<Variant<kA, kM, kAms, Phase::kInnerDots, P, S, F>>(a, p);
+          throw std::invalid_argument("adaptive alpha needs Adam");
+        case Phase::kSyncOnly:
+          return launch_step<Variant<kA, kM, kAms, Phase::kSyncOnly, P, S, F>>(a, p);
+      }
+      throw std::invalid_argument("unknown phase");
+    });
+  });
 }
 
 }  // namespace
@@ -497,13 +482,13 @@ void step(const gpu::LaunchArgs& a) {
 
   switch (a.param_dtype) {
     case DType::kFloat32:
-      dispatch_storage<float>(a, p, DType::kFloat32);
+      dispatch<float>(a, p);
       break;
     case DType::kBFloat16:
-      dispatch_storage<bf16>(a, p, DType::kBFloat16);
+      dispatch<bf16>(a, p);
       break;
     case DType::kFloat16:
-      dispatch_storage<fp16>(a, p, DType::kFloat16);
+      dispatch<fp16>(a, p);
       break;
     default:
       throw std::invalid_argument("unsupported parameter dtype");
