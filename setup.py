@@ -55,5 +55,7 @@ setup(
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"]},
+    # timm and torch-optimi, compared with in the benchmark when present, pin torch: install
+    # them with `pip install --no-deps timm torch-optimi`, never through these extras.
+    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"], "bench": ["pytest-benchmark", "matplotlib"]},
 )

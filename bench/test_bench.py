@@ -1,4 +1,4 @@
-"""pytest-benchmark suite on the tiny parameter set, and the parameter sets' structure.
+"""pytest-benchmark suite on the tiny parameter set, and the benchmark's own machinery.
 
     pytest bench/ --benchmark-only      # the timings (pytest-benchmark's statistics)
     pytest bench/                       # the same, plus the structural tests
@@ -8,13 +8,21 @@ The full comparison (every contender, ResNet-152, interleaved) is `python -m ben
 
 from __future__ import annotations
 
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
+import lookahead_fused
 from lookahead_fused import backends
 
-from .contenders import contenders
-from .params import NAMES, param_set, resnet_shapes
+from . import __main__ as cli
+from . import contenders as contenders_module
+from .contenders import FAMILY_NAMES, contenders
+from .cpu_floor import passes
+from .params import NAMES, gpt2_shapes, param_set, resnet_shapes
 
 CPU = torch.device("cpu")
 TINY = param_set("tiny")
@@ -60,12 +68,123 @@ def test_resnet_shapes_follow_the_architecture(blocks: tuple[int, ...]) -> None:
     assert all(a[0] == b[1] for a, b in zip(convs, convs[1:], strict=False) if b[2] == 3)
 
 
+@pytest.mark.parametrize(("layers", "width"), [(12, 768), (2, 16)])
+def test_gpt2_shapes_follow_the_architecture(layers: int, width: int) -> None:
+    vocab, context = 101, 32
+    shapes = gpt2_shapes(layers, width, vocab, context)
+    assert len(shapes) == 2 + 12 * layers + 2  # embeddings, 12 tensors a layer, ln_f
+    assert shapes[:2] == [(vocab, width), (context, width)]
+    matrices = [s for s in shapes[2:] if len(s) == 2]
+    assert len(matrices) == 4 * layers  # qkv, attention out, MLP in, MLP out
+    # 4 w^2 (qkv + out) + 8 w^2 (MLP) of weights a layer; biases 3w + w + 4w + w, norms 4w
+    per_layer = 12 * width**2 + 13 * width
+    assert sum(torch.Size(s).numel() for s in shapes) == (vocab + context) * width + layers * per_layer + 2 * width
+
+
 def test_param_sets() -> None:
     for name in NAMES:
-        pset = param_set(name)  # the real ResNets assert torchvision's counts when built
+        pset = param_set(name)  # the real models assert their original counts when built
         assert pset.numel == sum(torch.Size(s).numel() for s in pset.shapes)
+    assert set(param_set("tiny10k").shapes) == {(64,)} and param_set("tiny10k").tensors == 10_000
     params = TINY.make(CPU, torch.bfloat16)
     assert [tuple(p.shape) for p in params] == list(TINY.shapes)
     assert all(p.dtype == torch.bfloat16 and p.requires_grad for p in params)
     with pytest.raises(ValueError, match="Invalid parameter set"):
         param_set("resnet9000")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_floor_streams_the_bytes_of_a_fused_step(family: str, dtype: torch.dtype) -> None:
+    n, k = 1000, 5
+    (fused,) = [c for c in contenders(CPU, (family,), k) if c.name.endswith("(backend=cpu)")]
+
+    def streamed(sync: bool) -> int:
+        return sum((reads + writes) * numel * 4 for reads, writes, numel in passes(n, family, dtype, sync))
+
+    assert (streamed(False) * (k - 1) + streamed(True)) / k / n == pytest.approx(fused.bytes_per_param(dtype))
+
+
+def test_bytes_per_param_by_dtype() -> None:
+    adam = {c.name: c for c in contenders(CPU, ("adam",), k=10)}
+    # bf16 θ and g (2 B), fp32 m v φ for the fused class; torch keeps m v in the parameters' dtype
+    assert adam["LookaheadAdam(backend=cpu)"].bytes_per_param(torch.bfloat16) == pytest.approx(3 * 2 + 4 * 4 + 8 / 10)
+    assert adam["torch Adam(fused=True)"].bytes_per_param(torch.bfloat16) == 7 * 2
+    with pytest.raises(ValueError, match="Invalid k"):
+        contenders(CPU, ("adam",), k=0)
+
+
+def test_state_bytes_count_each_storage_once() -> None:
+    params, grads = TINY.make(CPU), TINY.make(CPU, requires_grad=False)
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+    fused = lookahead_fused.LookaheadAdam(params, backend="cpu")
+    fused.step()
+    n = TINY.numel
+    # m, v, φ in fp32 and a few counters a tensor: views of flat buffers, not a buffer per view
+    assert 12 * n <= cli._state_bytes(fused, params, grads) <= 12 * n + 64 * TINY.tensors
+    wrapped = lookahead_fused.Lookahead(torch.optim.SGD(params, lr=0.1, momentum=0.9))
+    wrapped.step()  # momentum buffers in the inner optimizer, slow weights in the wrapper
+    assert 8 * n <= cli._state_bytes(wrapped, params, grads) <= 8 * n + 64 * TINY.tensors
+
+
+def test_launches_count_calls_into_the_kernels() -> None:
+    def opt(backend: str) -> torch.optim.Optimizer:
+        params = TINY.make(CPU)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        return lookahead_fused.LookaheadSGD(params, lr=0.1, momentum=0.9, k=3, backend=backend)
+
+    assert cli._launches_per_step(opt("cpu"), 3, CPU) == 1  # one pass per bucket and step, sync included
+    assert cli._launches_per_step(opt("eager"), 3, CPU) is None  # torch ops only: nothing of _C
+
+
+def test_timm_lookahead_loads_without_the_package_init(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """timm's __init__ may fail (torchvision absent); its lookahead.py alone then still loads."""
+    (tmp_path / "timm" / "optim").mkdir(parents=True)
+    (tmp_path / "timm" / "__init__.py").write_text("import no_such_torchvision_here\n")
+    (tmp_path / "timm" / "optim" / "__init__.py").write_text("")
+    (tmp_path / "timm" / "optim" / "lookahead.py").write_text(
+        textwrap.dedent("""
+            import torch
+
+            class Lookahead(torch.optim.Optimizer):
+                origin = "file"
+        """)
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m == "timm" or m.startswith("timm.")]:
+        monkeypatch.delitem(sys.modules, name)
+    cls, why = contenders_module._timm_lookahead()
+    assert why is None and cls.origin == "file"
+    (tmp_path / "timm" / "optim" / "lookahead.py").unlink()
+    cls, why = contenders_module._timm_lookahead()
+    assert cls is None and "timm not importable" in why
+
+
+def test_plot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    row = {"name": "x", "set": "resnet152", "family": "adam", "dtype": "fp32", "k": 5, "lookahead": True}
+    rows = [
+        dict(row, median_ms=2.0, min_ms=1.0, max_ms=3.0),
+        dict(row, name="y", median_ms=1.0, min_ms=1.0, max_ms=1.0),
+    ]
+    out = tmp_path / "plot.png"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert not cli.plot(rows, str(out)) and "matplotlib is not installed" in capsys.readouterr().out
+    else:
+        assert cli.plot(rows, str(out)) and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not cli.plot(rows, str(out), set_name="gpt2")  # nothing of that set timed
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    assert not cli.plot(rows, str(tmp_path / "none.png"))
+    assert "matplotlib is not installed" in capsys.readouterr().out
+    assert not (tmp_path / "none.png").exists()
+
+
+@pytest.mark.parametrize("argv", [["--k", "0"], ["--reps", "0"], ["--dtype", "fp8"], ["--family", "lamb"]])
+def test_cli_refuses_bad_settings(argv: list[str], capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--device", "cpu", "--quick", *argv])
+    assert exc.value.code == 2
+    assert argv[0] in capsys.readouterr().err

@@ -1,8 +1,9 @@
 """The two README commands and the benchmark command, run as a user runs them.
 
 `python -m lookahead_fused check --quick`, `python -m lookahead_fused info` and
-`python -m bench --quick --json` run as subprocesses; the failure paths of `check` run
-in-process with a backend made to disagree or to raise.
+`python -m bench --quick --json --plot` (AdamW and SGD, fp32 and bf16, k=3) run as
+subprocesses; the failure paths of `check` run in-process with a backend made to disagree
+or to raise.
 """
 
 from __future__ import annotations
@@ -100,36 +101,53 @@ def test_quick_variants_cover_every_option() -> None:
     assert {v.groups for v in sample} == {v.groups for v in every}
 
 
-def test_bench_quick_writes_table_and_json(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    proc = _run("-m", "bench", "--quick", "--device", "cpu", "--json", str(out))
+def test_bench_quick_writes_table_json_and_plot(tmp_path: Path) -> None:
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    configs = ["--family", "adamw", "--family", "sgd", "--dtype", "fp32", "--dtype", "bf16", "--k", "3"]
+    proc = _run("-m", "bench", "--quick", "--device", "cpu", *configs, "--json", str(out), "--plot", str(png))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
-    assert {"machine", "device", "set", "dtype", "k", "repetitions", "results"} <= set(report)
+    assert {"machine", "device", "sets", "dtypes", "ks", "families", "repetitions", "results"} <= set(report)
     assert {"cpu", "torch_threads", "torch", "python", "gpus"} <= set(report["machine"])
     assert report["machine"]["torch"] == torch.__version__
-    pset = param_set(report["set"]["name"])
-    assert report["set"]["params"] == pset.numel and report["set"]["tensors"] == pset.tensors
-    expected = [c.name for c in contenders(CPU)]
-    assert [r["name"] for r in report["results"]] == expected
+    assert (report["dtypes"], report["ks"], report["families"]) == (["fp32", "bf16"], [3], ["adamw", "sgd"])
+    (name,) = report["sets"]
+    pset = param_set(name)
+    assert report["sets"][name] == {"params": pset.numel, "tensors": pset.tensors}
+    # one block per dtype, each every contender of the families in table order
+    expected = [(dtype, c.name) for dtype in ("fp32", "bf16") for c in contenders(CPU, ("adamw", "sgd"), k=3)]
+    assert [(r["dtype"], r["name"]) for r in report["results"]] == expected
     timed = [r for r in report["results"] if "median_ms" in r]
     # the fused class on every usable backend and torch's own optimizers are always timed
-    assert {"torch Adam(fused=True)", "torch SGD(fused=True)", "LookaheadAdam(backend=eager)"} <= {
-        r["name"] for r in timed
-    }
+    names = {(r["dtype"], r["name"]) for r in timed}
+    for dtype in ("fp32", "bf16"):
+        assert {(dtype, "torch AdamW(fused=True)"), (dtype, "torch SGD(fused=True)")} <= names
+        assert {(dtype, "LookaheadAdamW(backend=eager)"), (dtype, "LookaheadSGD(backend=cpu)")} <= names
     for r in timed:
-        assert r["error"] is None
+        assert r["error"] is None and r["k"] == 3 and r["set"] == name
         assert len(r["times_ms"]) == report["repetitions"]
         assert r["min_ms"] <= r["median_ms"] <= r["max_ms"]
         gbps = r["bytes_per_param"] * pset.numel / (r["median_ms"] * 1e-3) / 1e9
         assert r["gb_per_s"] == pytest.approx(gbps)
+        assert (r["sync_ms"] is not None) == r["lookahead"]  # the sync step alone, for Lookahead rows
+        assert r["graph_median_ms"] is None and r["graph_unavailable"] == "CUDA graphs need a GPU"
         assert r["name"] in proc.stdout
+        if r["name"].startswith("floor"):
+            assert r["extra_mib"] is None and r["launches_per_step"] >= 1
+        else:  # the state: at least one fp32 or bf16 buffer of the parameters' size
+            assert r["extra_mib"] * 2**20 >= 2 * pset.numel
+        if r["name"].endswith("(backend=cpu)"):
+            assert r["launches_per_step"] == 1 and r["of_floor"] > 0  # one pass a step, same bytes as the floor
     for r in report["results"]:
         if "median_ms" not in r:
             assert r["unavailable"] and f"unavailable: {r['unavailable']}" in proc.stdout
-    for family, plain in (("adam", 28), ("sgd", 20)):  # DESIGN §4's minimum traffic, amortised over k
-        rows = {r["lookahead"]: r["bytes_per_param"] for r in report["results"] if r["family"] == family}
-        assert rows == {False: plain, True: pytest.approx(plain + 8 / report["k"])}
+    # DESIGN §4's minimum traffic: θ g (param dtype) + state + φ (fp32) amortised over k
+    for family, plain in (("adamw", 28), ("sgd", 20)):
+        for dtype, saved in (("fp32", 0), ("bf16", 6)):  # 3 accesses of θ/g at 2 B instead of 4
+            rows = [r for r in report["results"] if (r["family"], r["dtype"]) == (family, dtype)]
+            fused = [r["bytes_per_param"] for r in rows if r["name"].startswith(("Lookahead", "floor"))]
+            assert fused == [pytest.approx(plain - saved + 8 / 3)] * len(fused) and len(fused) > 2
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" or "matplotlib is not installed" in proc.stdout
 
 
 def test_bench_suite_collects_and_runs() -> None:
