@@ -314,14 +314,19 @@ def test_state_dict_round_trip_resumes_mid_cycle(inner_state: str) -> None:
     assert resumed.param_groups[0]["lr"] == 0.01
     for p in resumed_params:  # the inner state holds no lookahead entries
         assert "slow_weights" not in resumed.state.get(p, {})
-    for step in range(4, 10):
-        grads = _grads(params, gen, step)
-        _set_grads(params, grads)
-        _set_grads(resumed_params, grads)
-        opt.step()
-        resumed.step()
-        assert all(torch.equal(p, q) for p, q in zip(params, resumed_params, strict=True)), f"step {step + 1}"
+    _step_side_by_side(opt, params, resumed, resumed_params, gen, range(4, 10))
     _assert_state_dicts_match(resumed.state_dict(), opt.state_dict(), "after resume")
+
+
+def _step_side_by_side(first, first_params, second, second_params, gen, steps) -> None:
+    """Step two optimizers on the same gradients; their parameters must stay bit-identical."""
+    for step in steps:
+        grads = _grads(first_params, gen, step)
+        _set_grads(first_params, grads)
+        _set_grads(second_params, grads)
+        first.step()
+        second.step()
+        assert all(torch.equal(p, q) for p, q in zip(first_params, second_params, strict=True)), f"step {step + 1}"
 
 
 @pytest.mark.parametrize("inner_state", ["maintain", "pullback"])
@@ -344,13 +349,7 @@ def test_fused_checkpoint_resumes_in_wrapper(inner_state: str) -> None:
     wrapper = Lookahead(torch.optim.Adam(params, lr=0.5), k=K, alpha=ALPHA, inner_state=inner_state)
     wrapper.load_state_dict(torch.load(buffer, weights_only=True))
     assert wrapper.param_groups[0]["lookahead_step"] == 4
-    for step in range(4, 10):
-        grads = _grads(params, gen, step)
-        _set_grads(params, grads)
-        _set_grads(fused_params, grads)
-        wrapper.step()
-        fused.step()
-        assert all(torch.equal(p, q) for p, q in zip(params, fused_params, strict=True)), f"step {step + 1}"
+    _step_side_by_side(wrapper, params, fused, fused_params, gen, range(4, 10))
     _assert_state_dicts_match(wrapper.state_dict(), fused.state_dict(), "after the move")
 
 
