@@ -13,7 +13,9 @@ and a kernel can walk both linearly.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
+from itertools import compress, repeat
 from typing import Any
 
 import torch
@@ -23,6 +25,24 @@ from . import reference
 
 # State entries that are counters (fp32 scalars), not tensors shaped like the parameter.
 COUNTER_KEYS = ("step", "lookahead_step")
+
+_GRAD, _SHAPE = operator.attrgetter("grad"), operator.attrgetter("shape")
+_DTYPE, _DEVICE = operator.attrgetter("dtype"), operator.attrgetter("device")
+
+
+def layout_key(tensors: list[Tensor]) -> tuple:
+    """Address, shape, strides, dtype and device of every tensor, read with C-level accessors
+    only (about 0.15 ms for 467 tensors). Equal keys mean that whatever was checked about
+    the tensors' memory still holds. Raises RuntimeError for tensors without strided storage
+    (sparse)."""
+    ts = tensors
+    return (
+        tuple(map(Tensor.data_ptr, ts)),
+        tuple(map(_SHAPE, ts)),
+        tuple(map(Tensor.stride, ts)),
+        tuple(map(_DTYPE, ts)),
+        tuple(map(_DEVICE, ts)),
+    )
 
 
 def is_dense(t: Tensor) -> bool:
@@ -79,15 +99,46 @@ class Bucket:
     # decision was made on the device (GradScaler's found_inf, capturable).
     host_count: int | None = None
     backend_cache: dict[str, Any] = field(default_factory=dict)
+    # What the checks of the parameters and of the gradients last saw (`layout_key`), and a
+    # version number bumped whenever it changed: the compiled backends rebuild their address
+    # tables when a version moves, so neither side re-walks 467 tensors on a steady step.
+    param_key: tuple | None = None
+    param_version: int = 0
+    grad_key: tuple | None = None
+    grad_version: int = 0
+
+    def moved(self) -> bool:
+        """Refresh `param_key`. True when the bucket no longer describes its parameters (a
+        dtype or device changed: `model.half()`, `.to()`), i.e. it must be rebuilt; a new
+        address, shape or strides (`.data` replaced) only bumps `param_version`."""
+        key = layout_key(self.params)
+        if key != self.param_key:
+            if any(d != self.dtype for d in key[3]) or any(d != self.device for d in key[4]):
+                return True
+            self.param_key, self.grad_key = key, None  # the gradients are checked against p again
+            self.param_version += 1
+        return False
 
     def grads(self, who: str) -> list[Tensor | None]:
-        """The parameters' gradients, checked before any backend touches them."""
-        out: list[Tensor | None] = []
-        for p in self.params:
-            g = p.grad
+        """The parameters' gradients, checked before any backend touches them; the checks
+        run again only when a gradient's address, shape, strides, dtype or device changed."""
+        grads = list(map(_GRAD, self.params))
+        has = tuple(map(operator.is_not, grads, repeat(None)))
+        try:
+            key: tuple | None = (has, layout_key(list(compress(grads, has))))
+        except RuntimeError:  # no strided storage (sparse): the checks below say what is wrong
+            key = None
+        if key is None or key != self.grad_key:
+            self._check_grads(who, grads)
+            self.grad_key = key
+            self.grad_version += 1
+        return grads
+
+    def _check_grads(self, who: str, grads: list[Tensor | None]) -> None:
+        for p, g in zip(self.params, grads, strict=True):
             if g is not None:
-                if g.is_sparse:
-                    raise RuntimeError(f"{who} does not support sparse gradients")
+                if g.layout != torch.strided:
+                    raise RuntimeError(f"{who} does not support sparse gradients (layout {g.layout})")
                 if g.shape != p.shape:
                     raise RuntimeError(
                         f"{who}: gradient of shape {tuple(g.shape)} for a parameter of shape {tuple(p.shape)}"
@@ -96,12 +147,6 @@ class Bucket:
                     raise RuntimeError(f"{who}: gradient on {g.device} for a parameter on {p.device}")
                 if g.dtype != p.dtype:
                     raise RuntimeError(f"{who}: gradient of dtype {g.dtype} for a parameter of dtype {p.dtype}")
-            out.append(g)
-        return out
-
-    def is_stale(self, params: list[Tensor]) -> bool:
-        """True when the bucket no longer describes these parameters (dtype or device changed)."""
-        return any(p.dtype != self.dtype or p.device != self.device for p in params)
 
 
 def build_buckets(kind: str, group: dict[str, Any], state: dict[Tensor, dict[str, Any]]) -> list[Bucket]:

@@ -68,6 +68,7 @@ class _LookaheadOptimizer(Optimizer):
             backends.get(backend)  # an unknown name fails before anything else
         self._backend_request = backend
         self._group_buckets: list[list[Bucket] | None] = []
+        self._group_members: list[tuple[int, ...] | None] = []  # ids of each group's params at build
         self._in_slow_weights = False
         super().__init__(params, defaults)
         self._backend = backends.resolve(backend, self._devices())
@@ -101,7 +102,7 @@ class _LookaheadOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         # Buckets are rebuilt from the per-parameter state at the next step.
-        self._group_buckets = []
+        self._group_buckets, self._group_members = [], []
         self._in_slow_weights = False
 
     @property
@@ -117,19 +118,18 @@ class _LookaheadOptimizer(Optimizer):
         parameters, a parameter whose dtype or device changed, state loaded from a checkpoint."""
         while len(self._group_buckets) < len(self.param_groups):
             self._group_buckets.append(None)
+            self._group_members.append(None)
         group = self.param_groups[index]
+        # The buckets hold their parameters, so equal ids mean the very same tensors.
+        members = tuple(map(id, group["params"]))
         buckets = self._group_buckets[index]
-        if buckets is not None:
-            listed = [p for b in buckets for p in b.params]
-            unique = list({id(p): p for p in group["params"]}.values())
-            if len(listed) != len(unique) or any(a is not b for a, b in zip(listed, unique)):
-                buckets = None
-            elif any(b.is_stale(b.params) for b in buckets):
-                buckets = None
-        if buckets is None:
-            buckets = build_buckets(self._kind, group, self.state)
-            self._group_buckets[index] = buckets
-            self._backend = backends.resolve(self._backend_request, self._devices())
+        if buckets is not None and self._group_members[index] == members and not any(b.moved() for b in buckets):
+            return buckets
+        buckets = build_buckets(self._kind, group, self.state)
+        for b in buckets:
+            b.moved()  # records the layout the bucket was built for
+        self._group_buckets[index], self._group_members[index] = buckets, members
+        self._backend = backends.resolve(self._backend_request, self._devices())
         return buckets
 
     # -- the step -------------------------------------------------------------------------
@@ -186,7 +186,7 @@ class _LookaheadOptimizer(Optimizer):
         for group in self.param_groups:
             _check_group_common(group)
             self._check_group(group)
-        self._group_buckets = []  # rebuilt, and the loaded state copied in, at the next step
+        self._group_buckets, self._group_members = [], []  # rebuilt, and the loaded state copied in, at the next step
 
     @contextlib.contextmanager
     def slow_weights(self) -> Iterator[None]:

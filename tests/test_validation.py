@@ -183,3 +183,30 @@ def test_wrong_shape_gradient_raises_before_any_change(backend: str, cls: type, 
     with pytest.raises(RuntimeError, match=r"gradient of shape \(7,\) for a parameter of shape \(10, 3\)"):
         opt.step()
     assert_bitwise_equal(snapshot(opt), before)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda g: g.flatten()[:7], r"gradient of shape \(7,\) for a parameter of shape \(10, 3\)"),
+        (lambda g: g.view(torch.int32), "gradient of dtype torch.int32 for a parameter of dtype torch.float32"),
+    ],
+    ids=["shape", "dtype"],
+)
+@pytest.mark.parametrize("cls", ALL, ids=_name)
+def test_gradient_changed_in_place_after_steady_steps(backend: str, cls: type, change: Any, message: str) -> None:
+    """The front-end checks run again whenever a gradient's metadata changes, even when the
+    gradient tensor and its address stay the same (the checks are cached between steps)."""
+    opt, dense, emb = _two_layer_setup(cls, backend, "one_group")
+    for p in (dense.weight, dense.bias, emb.weight):
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.step()  # steady: the same gradient tensors, the checks' cache holds
+    before = snapshot(opt)
+    g = emb.weight.grad
+    address = g.data_ptr()
+    g.data = change(g.data)
+    assert g.data_ptr() == address
+    with pytest.raises(RuntimeError, match=message):
+        opt.step()
+    assert_bitwise_equal(snapshot(opt), before)

@@ -124,27 +124,20 @@ def _step_args(kind: str, group: dict[str, Any], b: Bucket, table: Tensor, grad_
 # ---------------------------------------------------------------------------------------
 
 
-def _grad_layout(g: Tensor | None) -> tuple | None:
-    return None if g is None else (g.data_ptr(), g.stride(), g.dtype)
-
-
 def _segment_table(b: Bucket, grads: list[Tensor | None]) -> Tensor:
-    """The bucket's table, refreshed where something moved. Two keys, both computed every
-    step from the cheapest accessors (about 0.1 ms for 467 tensors): the parameters'
-    addresses and sizes (a replaced `.data` changes the address; the state views fix the
-    layout), which rebuild the whole table (about 2 ms for 467 tensors), and the gradients'
-    addresses, strides and dtypes, which only rewrite the gradient columns: with
+    """The bucket's table, refreshed where something moved, as the front-end's checks report
+    it (`Bucket.param_version`, `Bucket.grad_version`): a parameter's new address, shape or
+    strides (`.data` replaced) rebuilds the whole table (about 2 ms for 467 tensors); a
+    gradient's new address, strides or dtype only rewrites the gradient columns: with
     `zero_grad(set_to_none=True)` that happens every step."""
     cache = b.backend_cache
-    param_key = (tuple(map(Tensor.data_ptr, b.params)), tuple(map(Tensor.numel, b.params)))
-    grad_key = tuple(map(_grad_layout, grads))
-    if cache.get("param_key") != param_key:
+    if cache.get("param_version") != b.param_version:
         cache["table"] = _build_table(b)
-        cache["param_key"], cache["grad_key"] = param_key, None
+        cache["param_version"], cache["grad_version"] = b.param_version, None
         cache["builds"] = cache.get("builds", 0) + 1  # tests check that tables are reused
-    if cache["grad_key"] != grad_key:
+    if cache["grad_version"] != b.grad_version:
         cache["relayout"] = _set_grads(b, cache["table"], grads)
-        cache["grad_key"] = grad_key
+        cache["grad_version"] = b.grad_version
         cache["grad_updates"] = cache.get("grad_updates", 0) + 1
     # Gradients whose layout differs from their parameter's are copied, every step, into a
     # scratch tensor with the parameter's layout (the table points at the scratch).

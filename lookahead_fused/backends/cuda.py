@@ -248,10 +248,9 @@ def _alpha_buffers(first: Bucket, launches: list[Any]) -> tuple[Tensor, Tensor]:
 
 def _tables(target: _Target, b: Bucket, grads: list[Tensor | None]) -> tuple[Tensor, Tensor, int]:
     """The bucket's (segment table, chunk table, grid) on its device, refreshed where
-    something moved. The keys are computed on the host from tensor metadata only."""
+    something moved: the front-end's checks bump the bucket's versions (Bucket.moved, grads)."""
     cache = b.backend_cache
-    param_key = (target.name, tuple(map(Tensor.data_ptr, b.params)), tuple(map(Tensor.numel, b.params)))
-    grad_key = tuple(None if g is None else (g.data_ptr(), g.stride(), g.dtype) for g in grads)
+    param_key, grad_key = (target.name, b.param_version), b.grad_version  # see Bucket.moved / grads
     if cache.get("cuda_param_key") != param_key:
         rows, chunks = _build_rows(target, b)
         cache["cuda_rows"] = rows  # host copy; its gradient columns are rewritten below

@@ -280,7 +280,7 @@ def _chunk_table(b: Bucket) -> Tensor:
     """The bucket's chunk table (triton_kernels/lookahead.py), rebuilt only when a parameter's
     address or size changes (`.data` replaced, `model.half()`)."""
     cache = b.backend_cache
-    key = (tuple(map(Tensor.data_ptr, b.params)), tuple(map(Tensor.numel, b.params)), CHUNK)
+    key = (b.param_version, CHUNK)  # bumped by Bucket.moved when an address or size changes
     if cache.get("triton_table_key") != key:
         cache["triton_table"] = _build_chunk_table(b)
         cache["triton_table_key"] = key
@@ -305,12 +305,15 @@ def _grad_addresses(b: Bucket, grads: list[Tensor | None]) -> Tensor:
     parameter's layout, every step, and the vector points at the scratch."""
     cache = b.backend_cache
     kept: dict[tuple, tuple[Tensor, dict[int, Tensor]]] = cache.setdefault("triton_grads", {})
-    key = tuple(None if g is None else (g.data_ptr(), g.stride(), g.dtype) for g in grads)
-    if key not in kept:
-        if len(kept) >= _GRAD_VECTORS_KEPT:
-            kept.pop(next(iter(kept)))  # the oldest
-        kept[key] = _build_grad_addresses(b, grads)
-    vector, relayout = kept[key]
+    key = b.grad_key  # Bucket.grads: addresses, shapes, strides, dtypes (None: not keyable)
+    if key is None:  # nothing to key it by: built afresh, not kept
+        vector, relayout = _build_grad_addresses(b, grads)
+    else:
+        if key not in kept:
+            if len(kept) >= _GRAD_VECTORS_KEPT:
+                kept.pop(next(iter(kept)))  # the oldest
+            kept[key] = _build_grad_addresses(b, grads)
+        vector, relayout = kept[key]
     for i, scratch in relayout.items():
         scratch.copy_(grads[i])
     return vector
