@@ -9,6 +9,12 @@ parameter). `optimizer.state[p]` holds views of these buffers, so the per-parame
 A view has the parameter's shape and strides (channels-last included) whenever the
 parameter is dense, so state element i sits beside parameter element i in memory order
 and a kernel can walk both linearly.
+
+Sharded parameters (DTensors, as FSDP2's `fully_shard` makes them): everything Lookahead
+does is elementwise, so a bucket works on each parameter's local shard and its gradient's
+local shard, with no communication. `optimizer.state[p]` then holds DTensors that wrap the
+local state views with the parameter's mesh and placements, which is what
+`torch.distributed.checkpoint` saves and loads.
 """
 
 from __future__ import annotations
@@ -23,11 +29,32 @@ from torch import Tensor
 
 from . import reference
 
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # a torch built without torch.distributed
+    _DTensor = None
+
 # State entries that are counters (fp32 scalars), not tensors shaped like the parameter.
 COUNTER_KEYS = ("step", "lookahead_step")
 
 _GRAD, _SHAPE = operator.attrgetter("grad"), operator.attrgetter("shape")
 _DTYPE, _DEVICE = operator.attrgetter("dtype"), operator.attrgetter("device")
+
+
+def is_sharded(t: Tensor) -> bool:
+    return _DTensor is not None and isinstance(t, _DTensor)
+
+
+def local(t: Tensor) -> Tensor:
+    """The part of t this process holds: a DTensor's local shard, or t itself. The shard
+    tensor itself (not a `to_local()` view), so its address is the memory the shard lives in."""
+    return t._local_tensor if is_sharded(t) else t  # type: ignore[attr-defined]
+
+
+def _wrap_like(view: Tensor, p: Tensor) -> Tensor:
+    """A DTensor over a local state view, sharded like the parameter p (no copy)."""
+    assert _DTensor is not None
+    return _DTensor.from_local(view, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
 
 def layout_key(tensors: list[Tensor]) -> tuple:
@@ -86,7 +113,7 @@ def default_dtypes(param_dtype: torch.dtype, group: dict[str, Any]) -> tuple[tor
 
 @dataclass
 class Bucket:
-    params: list[Tensor]
+    params: list[Tensor]  # what the kernels update: the parameters, or their local shards
     offsets: list[int]
     numel: int
     device: torch.device
@@ -94,7 +121,10 @@ class Bucket:
     state_dtype: torch.dtype
     slow_dtype: torch.dtype
     flat: dict[str, Tensor]  # state key -> flat buffer ("step" and "lookahead_step" of length n)
-    views: list[dict[str, Tensor]]  # per parameter: the dict that is optimizer.state[p]
+    views: list[dict[str, Tensor]]  # per parameter: its state views (optimizer.state[p], or wrapped)
+    # The parameters as registered in the group (DTensors for FSDP2); None when they are the
+    # `params` themselves.
+    owners: list[Tensor] | None = None
     # The group's lookahead counter as the host knows it; None after a step whose sync
     # decision was made on the device (GradScaler's found_inf, capturable).
     host_count: int | None = None
@@ -111,6 +141,8 @@ class Bucket:
         """Refresh `param_key`. True when the bucket no longer describes its parameters (a
         dtype or device changed: `model.half()`, `.to()`), i.e. it must be rebuilt; a new
         address, shape or strides (`.data` replaced) only bumps `param_version`."""
+        if self.owners is not None:
+            self.params = list(map(local, self.owners))  # FSDP2 may re-point a shard
         key = layout_key(self.params)
         if key != self.param_key:
             if any(d != self.dtype for d in key[3]) or any(d != self.device for d in key[4]):
@@ -122,7 +154,10 @@ class Bucket:
     def grads(self, who: str) -> list[Tensor | None]:
         """The parameters' gradients, checked before any backend touches them; the checks
         run again only when a gradient's address, shape, strides, dtype or device changed."""
-        grads = list(map(_GRAD, self.params))
+        if self.owners is None:
+            grads = list(map(_GRAD, self.params))
+        else:
+            grads = [self._local_grad(who, p) for p in self.owners]
         has = tuple(map(operator.is_not, grads, repeat(None)))
         try:
             key: tuple | None = (has, layout_key(list(compress(grads, has))))
@@ -133,6 +168,29 @@ class Bucket:
             self.grad_key = key
             self.grad_version += 1
         return grads
+
+    @staticmethod
+    def _local_grad(who: str, p: Tensor) -> Tensor | None:
+        g = p.grad
+        if g is None or not is_sharded(p):
+            return g
+        if not is_sharded(g) or g.placements != p.placements or g.device_mesh != p.device_mesh:  # type: ignore[attr-defined]
+            raise RuntimeError(f"{who}: the gradient of a sharded parameter is not sharded like it")
+        return local(g)
+
+    def check_grads(self, who: str, grads: list[Tensor | None]) -> None:
+        """`grads()` for gradients handed in rather than read from `.grad` (the torch.compile
+        path: lookahead_fused._ops): the same checks, skipped when the same layout was checked
+        last time, and the same `grad_key` / `grad_version` bookkeeping."""
+        has = tuple(map(operator.is_not, grads, repeat(None)))
+        try:
+            key: tuple | None = (has, layout_key(list(compress(grads, has))))
+        except RuntimeError:  # no strided storage (sparse): the checks below say what is wrong
+            key = None
+        if key is None or key != self.grad_key:
+            self._check_grads(who, grads)
+            self.grad_key = key
+            self.grad_version += 1
 
     def _check_grads(self, who: str, grads: list[Tensor | None]) -> None:
         for p, g in zip(self.params, grads, strict=True):
@@ -158,7 +216,8 @@ def build_buckets(kind: str, group: dict[str, Any], state: dict[Tensor, dict[str
     for p in group["params"]:
         if id(p) not in seen:  # a parameter listed twice (tied weights) is updated once
             seen.add(id(p))
-            by_key.setdefault((p.device, p.dtype), []).append(p)
+            shard = local(p)
+            by_key.setdefault((shard.device, shard.dtype), []).append(p)
 
     # The group's lookahead counter: every parameter holds the same value; a checkpoint from
     # torch.optim has none and starts the cycle at 0.
@@ -171,7 +230,8 @@ def build_buckets(kind: str, group: dict[str, Any], state: dict[Tensor, dict[str
 
     keys = state_keys(kind, group)
     buckets = []
-    for (device, dtype), params in by_key.items():
+    for (device, dtype), owners in by_key.items():
+        params = list(map(local, owners))
         sdt, pdt = default_dtypes(dtype, group)
         offsets, total = [], 0
         for p in params:
@@ -183,8 +243,8 @@ def build_buckets(kind: str, group: dict[str, Any], state: dict[Tensor, dict[str
         flat["lookahead_step"] = torch.full((len(params),), count, dtype=torch.float32, device=device)
 
         views = []
-        for i, (p, off) in enumerate(zip(params, offsets)):
-            old = state.get(p, {})
+        for i, (owner, p, off) in enumerate(zip(owners, params, offsets)):
+            old = state.get(owner, {})
             view = {key: view_like(flat[key], off, p) for key in keys}
             view["slow_weights"] = view_like(flat["slow_weights"], off, p)
             view["step"] = flat["step"][i]
@@ -196,6 +256,7 @@ def build_buckets(kind: str, group: dict[str, Any], state: dict[Tensor, dict[str
                         value = p.detach()  # φ ← θ
                     else:
                         continue
+                value = _local_state(owner, key, value)
                 if value.numel() != p.numel():
                     raise ValueError(
                         f"state '{key}' has {value.numel()} elements for a parameter of shape {tuple(p.shape)}"
@@ -206,6 +267,34 @@ def build_buckets(kind: str, group: dict[str, Any], state: dict[Tensor, dict[str
             elif kind == "sgd" and old.get("momentum_buffer") is not None:
                 view["step"].fill_(1.0)  # torch.optim.SGD's buffer exists: it is initialised
             views.append(view)
-            state[p] = view
-        buckets.append(Bucket(params, offsets, total, device, dtype, sdt, pdt, flat, views, host_count=int(count)))
+            if owner is p:
+                state[owner] = view
+            else:  # sharded: the state a checkpoint sees is sharded like the parameter
+                state[owner] = {key: v if key in COUNTER_KEYS else _wrap_like(v, owner) for key, v in view.items()}
+        sharded = any(o is not p for o, p in zip(owners, params))
+        buckets.append(
+            Bucket(
+                params,
+                offsets,
+                total,
+                device,
+                dtype,
+                sdt,
+                pdt,
+                flat,
+                views,
+                owners=owners if sharded else None,
+                host_count=int(count),
+            )  # fmt: skip
+        )
     return buckets
+
+
+def _local_state(owner: Tensor, key: str, value: Tensor) -> Tensor:
+    """A saved state tensor as this process's part of it: a DTensor must be sharded like its
+    parameter (as torch.distributed.checkpoint loads it); its local shard is copied in."""
+    if not is_sharded(value):
+        return value
+    if not is_sharded(owner) or value.placements != owner.placements:  # type: ignore[attr-defined]
+        raise ValueError(f"state '{key}' is a DTensor sharded unlike its parameter")
+    return local(value)

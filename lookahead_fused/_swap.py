@@ -13,6 +13,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ._buckets import is_sharded
+
 
 @contextlib.contextmanager
 def swap_slow_weights(optimizer: Optimizer, pairs: Iterable[tuple[Tensor, Tensor]]) -> Iterator[None]:
@@ -21,7 +23,8 @@ def swap_slow_weights(optimizer: Optimizer, pairs: Iterable[tuple[Tensor, Tensor
 
     Where φ has the parameter's dtype and layout the two are swapped by reference
     (`param.data`), with no copy; otherwise (fp32 φ of a bf16 parameter) the fast weights
-    wait in a temporary copy in the parameter's dtype. `pairs` is consumed only after the
+    wait in a temporary copy in the parameter's dtype. Sharded parameters (FSDP2's DTensors)
+    are always copied: FSDP2 all-gathers from the shard's own storage, not from `.data`. `pairs` is consumed only after the
     re-entry check. `optimizer._in_slow_weights` is set meanwhile: its `step()` refuses to
     run while the parameters hold φ."""
     if optimizer._in_slow_weights:  # type: ignore[attr-defined]
@@ -31,7 +34,7 @@ def swap_slow_weights(optimizer: Optimizer, pairs: Iterable[tuple[Tensor, Tensor
     try:
         with torch.no_grad():
             for p, slow in pairs:
-                if slow.dtype == p.dtype and slow.stride() == p.stride():
+                if slow.dtype == p.dtype and slow.stride() == p.stride() and not is_sharded(p):
                     swapped.append((p, p.data, True))
                     p.data = slow
                 else:

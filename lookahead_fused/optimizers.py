@@ -194,11 +194,11 @@ class _LookaheadOptimizer(Optimizer):
         fast weights back (see `lookahead_fused._swap.swap_slow_weights`). A group that has
         not stepped yet has no buckets and needs no swap: φ = θ."""
         pairs = (
-            (p, view["slow_weights"])
+            (p, self.state[p]["slow_weights"])
             for index, group in enumerate(self.param_groups)
             if group["params"] and any(p in self.state for p in group["params"])
             for b in self._buckets(index)
-            for p, view in zip(b.params, b.views)
+            for p in b.owners or b.params
         )
         with swap_slow_weights(self, pairs):
             yield
