@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The tests on a fresh machine: sets up .venv as run.sh does (idempotent), then runs
-#   pytest -q tests "$@"       with TRITON_INTERPRET=1 (Triton kernels run on CPU tensors)
+#   pytest -q tests bench "$@"  with TRITON_INTERPRET=1 (Triton kernels run on CPU tensors);
+#                               bench/ runs its pytest-benchmark suite once, untimed
 #   ruff check / ruff format --check over the Python sources
 # and fails when any of them fails, or when pytest collected no test at all.
 #   bash test.sh                        # everything
@@ -18,7 +19,7 @@ failed=()
 "$PY" -m ruff check --extend-exclude '*.md' . || failed+=("ruff check")
 "$PY" -m ruff format --check --extend-exclude '*.md' . || failed+=("ruff format --check")
 rc=0
-"$PY" -m pytest -q tests "$@" || rc=$?
+"$PY" -m pytest -q tests bench --benchmark-disable "$@" || rc=$?
 case $rc in
     0) ;;
     5) failed+=("pytest (no tests collected: exit 5)") ;;
