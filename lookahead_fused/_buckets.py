@@ -90,6 +90,16 @@ def is_dense(t: Tensor) -> bool:
     return True
 
 
+def holds(t: Tensor) -> bool:
+    """The tensor's storage really holds its numel() elements from its data pointer on (a
+    storage can be resized after the tensor was made)."""
+    return t.untyped_storage().nbytes() >= (t.storage_offset() + t.numel()) * t.element_size()
+
+
+def where(i: int, p: Tensor) -> str:
+    return f"parameter {i} of shape {tuple(p.shape)}"
+
+
 def view_like(flat: Tensor, offset: int, like: Tensor) -> Tensor:
     """A view of flat[offset : offset + like.numel()] with like's shape (and strides if dense)."""
     if is_dense(like):
@@ -152,6 +162,13 @@ class Bucket:
         if key != self.param_key:
             if any(d != self.dtype for d in key[3]) or any(d != self.device for d in key[4]):
                 return True
+            # A parameter that no longer fits its state (`.data` of another size, a shrunk
+            # storage) is refused before any backend reads or writes through it.
+            for i, (p, start, end) in enumerate(zip(self.params, self.offsets, [*self.offsets[1:], self.numel])):
+                if p.numel() != end - start:
+                    raise RuntimeError(f"{where(i, p)} has {p.numel()} elements, its optimizer state {end - start}")
+                if not holds(p):
+                    raise RuntimeError(f"the storage of {where(i, p)} is smaller than the parameter (was it resized?)")
             self.param_key, self.grad_key = key, None  # the gradients are checked against p again
             self.param_version += 1
         return False
@@ -163,15 +180,7 @@ class Bucket:
             grads = list(map(_GRAD, self.params))
         else:
             grads = [self._local_grad(who, p) for p in self.owners]
-        has = tuple(map(operator.is_not, grads, repeat(None)))
-        try:
-            key: tuple | None = (has, layout_key(list(compress(grads, has))))
-        except RuntimeError:  # no strided storage (sparse): the checks below say what is wrong
-            key = None
-        if key is None or key != self.grad_key:
-            self._check_grads(who, grads)
-            self.grad_key = key
-            self.grad_version += 1
+        self.check_grads(who, grads)
         return grads
 
     @staticmethod
@@ -184,9 +193,9 @@ class Bucket:
         return local(g)
 
     def check_grads(self, who: str, grads: list[Tensor | None]) -> None:
-        """`grads()` for gradients handed in rather than read from `.grad` (the torch.compile
-        path: lookahead_fused._ops): the same checks, skipped when the same layout was checked
-        last time, and the same `grad_key` / `grad_version` bookkeeping."""
+        """Check these gradients of the parameters (read from `.grad` by `grads()`, or handed
+        to the torch.compile op, lookahead_fused._ops), unless the same layout was checked
+        last time; `grad_key` and `grad_version` say what was checked."""
         has = tuple(map(operator.is_not, grads, repeat(None)))
         try:
             key: tuple | None = (has, layout_key(list(compress(grads, has))))

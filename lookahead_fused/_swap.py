@@ -24,9 +24,9 @@ def swap_slow_weights(optimizer: Optimizer, pairs: Iterable[tuple[Tensor, Tensor
     Where φ has the parameter's dtype and layout the two are swapped by reference
     (`param.data`), with no copy; otherwise (fp32 φ of a bf16 parameter) the fast weights
     wait in a temporary copy in the parameter's dtype. Sharded parameters (FSDP2's DTensors)
-    are always copied: FSDP2 all-gathers from the shard's own storage, not from `.data`. `pairs` is consumed only after the
-    re-entry check. `optimizer._in_slow_weights` is set meanwhile: its `step()` refuses to
-    run while the parameters hold φ."""
+    are always copied: FSDP2 all-gathers from the shard's own storage, not from `.data`.
+    `pairs` is consumed only after the re-entry check. `optimizer._in_slow_weights` is set
+    meanwhile: its `step()` refuses to run while the parameters hold φ."""
     if optimizer._in_slow_weights:  # type: ignore[attr-defined]
         raise RuntimeError("slow_weights() is already active")
     swapped: list[tuple[Tensor, Tensor, bool]] = []

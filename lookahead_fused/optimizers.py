@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import backends
-from ._buckets import Bucket, build_buckets
+from . import _ops, backends
+from ._buckets import COUNTER_KEYS, Bucket, build_buckets
 from ._swap import swap_slow_weights
 
 INNER_STATES = ("maintain", "reset", "pullback")
@@ -84,11 +84,13 @@ class _LookaheadOptimizer(Optimizer):
             for p in group["params"]:
                 if not (p.is_floating_point() and p.dtype in _FLOAT_DTYPES):
                     raise ValueError(f"{type(self).__name__} supports floating-point parameters only, got {p.dtype}")
-        except ValueError:
+                if p.layout != torch.strided:  # the state is flat, dense buffers beside p
+                    raise ValueError(f"{type(self).__name__} supports dense parameters only, got layout {p.layout}")
+            if hasattr(self, "_backend"):  # a group added after construction may bring a new device
+                self._backend = backends.resolve(self._backend_request, self._devices())
+        except (ValueError, RuntimeError):
             self.param_groups.pop()  # a rejected group must not stay behind to be stepped
             raise
-        if hasattr(self, "_backend"):  # a group added after construction may bring a new device
-            self._backend = backends.resolve(self._backend_request, self._devices())
 
     def _check_group(self, group: dict[str, Any]) -> None:
         raise NotImplementedError
@@ -132,6 +134,12 @@ class _LookaheadOptimizer(Optimizer):
         self._backend = backends.resolve(self._backend_request, self._devices())
         return buckets
 
+    def _init_group(self) -> str:
+        """Dynamo's hook for an optimizer's lazy state: a compiled `step()` calls it, and Dynamo
+        runs it eagerly at trace time instead of tracing it. Builds every group's buckets and
+        returns the plan of the compiled step (`lookahead_fused._ops.plan`)."""
+        return _ops.plan(self)
+
     # -- the step -------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -143,8 +151,15 @@ class _LookaheadOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for group in self.param_groups:
+            _check_lookahead(group)  # k, alpha or inner_state edited in param_groups since
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         found_inf: Tensor | None = getattr(self, "found_inf", None)
+        if torch.compiler.is_compiling():
+            # torch.compile: the whole step is one custom op (lookahead_fused._ops), because
+            # the checks and tables below read tensor addresses, which Dynamo cannot trace.
+            _ops.traced_step(self, grad_scale, found_inf)
+            return loss
         who = type(self).__name__
         # Every gradient of every group is checked before anything is updated: a bad gradient
         # in the last group must not leave the first ones stepped.
@@ -165,6 +180,7 @@ class _LookaheadOptimizer(Optimizer):
         slow weights then start from the current parameters). State keeps its saved dtype
         (torch.optim would cast it to the parameter's dtype, losing fp32 state of bf16 models)."""
         saved_state = state_dict["state"]
+        self._check_state_shapes(state_dict)
         # A torch.optim checkpoint has no k, alpha, inner_state, ...: those keep their values.
         current = [{key: v for key, v in g.items() if key != "params"} for g in self.param_groups]
         super().load_state_dict(state_dict)
@@ -187,6 +203,25 @@ class _LookaheadOptimizer(Optimizer):
             _check_group_common(group)
             self._check_group(group)
         self._group_buckets, self._group_members = [], []  # rebuilt, and the loaded state copied in, at the next step
+
+    def _check_state_shapes(self, state_dict: dict[str, Any]) -> None:
+        """Refuse, before anything is replaced, a checkpoint whose per-parameter state does not
+        fit the parameters it maps to (a model of other shapes): otherwise the load succeeds
+        and the next step() fails with the optimizer's own state already overwritten. Groups
+        of other counts are left to torch.optim's check, whose message is the expected one."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups) or any(
+            len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)
+        ):
+            return
+        for saved_group, group in zip(saved_groups, self.param_groups):
+            for pid, p in zip(saved_group["params"], group["params"]):
+                for key, value in state_dict["state"].get(pid, {}).items():
+                    if key not in COUNTER_KEYS and isinstance(value, Tensor) and value.numel() != p.numel():
+                        raise ValueError(
+                            f"loaded state '{key}' has {value.numel()} elements for a parameter of shape "
+                            f"{tuple(p.shape)} (a checkpoint of another model?)"
+                        )
 
     @contextlib.contextmanager
     def slow_weights(self) -> Iterator[None]:

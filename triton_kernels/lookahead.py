@@ -84,6 +84,12 @@ def _round(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _l2(g, wd, theta):
+    """L2 weight decay g + λθ, only when λ ≠ 0 (as torch.optim): 0·θ is NaN for an infinite θ."""
+    return tl.where(wd != 0.0, g + wd * theta, g)
+
+
+@triton.jit
 def _lanes(in_range, flag):
     """in_range & flag for a block (or scalar) mask and a per-program flag. (Written as a where: the
     interpreter of triton 3.9 turns `block & scalar` into an int32 array that tl.load
@@ -252,7 +258,7 @@ def lookahead_step_kernel(
                 theta_in = theta * decay
             else:
                 theta_in = theta
-                g = g + wd * theta
+                g = _l2(g, wd, theta)
             m = tl.load(momentum_ptr + state_idx, mask=_lanes(in_range, do_inner | pullback), other=0.0).to(tl.float32)
             v = tl.load(exp_avg_sq_ptr + state_idx, mask=inner, other=0.0).to(tl.float32)
             if AMSGRAD:
@@ -261,7 +267,7 @@ def lookahead_step_kernel(
                 theta_in, g, m, v, vmax, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, neg_step_size, AMSGRAD
             )
         else:
-            g = g + wd * theta
+            g = _l2(g, wd, theta)
             if HAS_MOMENTUM:
                 m_mask = _lanes(in_range, (do_inner & ~first) | (pullback & ~do_inner))
                 m = tl.load(momentum_ptr + state_idx, mask=m_mask, other=0.0).to(tl.float32)

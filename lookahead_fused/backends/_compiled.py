@@ -16,17 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._buckets import COUNTER_KEYS, Bucket, is_dense
-
-
-def holds(t: Tensor) -> bool:
-    """The tensor's storage really holds its numel() elements from its data pointer on (a
-    storage can be resized after the tensor was made)."""
-    return t.untyped_storage().nbytes() >= (t.storage_offset() + t.numel()) * t.element_size()
-
-
-def where(i: int, p: Tensor) -> str:
-    return f"parameter {i} of shape {tuple(p.shape)}"
+from .._buckets import COUNTER_KEYS, Bucket, holds, is_dense, where
 
 
 def check_bucket(backend: str, b: Bucket) -> None:
