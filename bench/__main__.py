@@ -17,9 +17,10 @@ dtype and k (5 and 10). How it measures, so that the numbers mean the same on ev
 - the table shows the median over repetitions and the min-max; GB/s is the minimum traffic
   (Contender.bytes_per_param) over the median time, so the fastest possible kernel on a
   machine sits at that machine's memory bandwidth;
-- "floor ms": on the CPU the streaming kernel with the same bytes (bench/cpu_floor.py),
-  measured in the same run; on a GPU the modelled floor, bytes / the GPU's bandwidth
-  (MODELLED_BANDWIDTH). "of floor" is floor / measured, for the rows with those bytes;
+- "floor ms": a streaming kernel with the same bytes (bench/floor.py: `_C` on the CPU,
+  Triton on a GPU), measured in the same run; "of floor" is floor / measured, for the rows
+  with those bytes. On a GPU whose bandwidth is modelled (MODELLED_BANDWIDTH: H100) the rows
+  also give "of model", the modelled floor (bytes / bandwidth) over the measured time;
 - "launches": calls into the compiled kernels per step (CPU: calls of `_C`, counted by
   wrapping it; GPU: device kernels and copies in the profiler); "extra MiB": the memory the
   optimizer holds beyond parameters and gradients (CPU: its state tensors, each storage
@@ -119,9 +120,9 @@ def _counting_c_calls() -> Iterator[list[_CountingModule]]:
     """The `_C` of the cpu backend and of the floor kernel, counting calls (CPU launches)."""
     import lookahead_fused.backends.cpu as cpu_backend
 
-    from . import cpu_floor
+    from . import floor
 
-    owners = [m for m in (cpu_backend, cpu_floor) if getattr(m, "_C", None) is not None]
+    owners = [m for m in (cpu_backend, floor) if getattr(m, "_C", None) is not None]
     originals = [m._C for m in owners]
     counters = [_CountingModule(c) for c in originals]
     for owner, counter in zip(owners, counters, strict=True):
@@ -293,12 +294,11 @@ def _row(
     if not times:
         return row
     median = statistics.median(times)
-    if bandwidth:  # GPU: the modelled floor of this row's own bytes
-        floor_s = bytes_per_param * pset.numel / bandwidth
-    elif floor and floor.seconds["eager"] and floor.contender.bytes_per_param(DTYPES[dtype]) == bytes_per_param:
-        floor_s = statistics.median(floor.seconds["eager"])  # CPU: measured, for the rows with its bytes
+    if floor and floor.seconds["eager"] and floor.contender.bytes_per_param(DTYPES[dtype]) == bytes_per_param:
+        floor_s = statistics.median(floor.seconds["eager"])  # measured, for the rows with its bytes
     else:
         floor_s = None
+    modelled_s = bytes_per_param * pset.numel / bandwidth if bandwidth else None  # this row's own bytes
     graph = result.seconds["graph"]
     row.update(
         times_ms=[s * 1e3 for s in times],
@@ -310,6 +310,8 @@ def _row(
         vs_torch_fused=median / baseline if baseline else None,
         floor_ms=floor_s * 1e3 if floor_s and not c.floor else None,
         of_floor=floor_s / median if floor_s and not c.floor else None,
+        modelled_floor_ms=modelled_s * 1e3 if modelled_s else None,
+        of_modelled_floor=modelled_s / median if modelled_s else None,
         launches_per_step=result.launches,
         extra_mib=result.extra_bytes / 2**20 if result.extra_bytes is not None else None,
         graph_median_ms=statistics.median(graph) * 1e3 if graph else None,
@@ -327,7 +329,7 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def _print_table(rows: list[dict[str, Any]], gpu: bool) -> None:
     columns = f"{'ms/step':>8} {'min-max':<15}{'sync ms':>8} {'GB/s':>6} {'x fused':>7} {'floor ms':>8} {'of floor':>8}"
-    columns += f" {'launch':>6} {'extra MiB':>9}" + (f" {'graph ms/step':>13}" if gpu else "")
+    columns += f" {'launch':>6} {'extra MiB':>9}" + (f" {'graph ms/step':>13} {'of model':>8}" if gpu else "")
     print(f"{'contender':<42} {columns}")
     configs = dict.fromkeys((r["set"], r["dtype"], r["k"], r["family"]) for r in rows)
     names = {f.name: f.torch_class.__name__ for f in FAMILIES}
@@ -347,7 +349,7 @@ def _print_table(rows: list[dict[str, Any]], gpu: bool) -> None:
                 f" {_fmt(r['launches_per_step'], '.3g'):>6} {_fmt(r['extra_mib'], '.1f'):>9}"
             )
             if gpu:
-                line += f" {_fmt(r['graph_median_ms'], '.3f'):>13}"
+                line += f" {_fmt(r['graph_median_ms'], '.3f'):>13} {_fmt(r['of_modelled_floor'], '.0%'):>8}"
             print(f"  {r['name']:<40} {line}")
 
 
@@ -451,12 +453,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"GPU {gpu}; python {machine['python']}, torch {machine['torch']}, triton {machine['triton'] or '-'}"
     )
     timer = "CUDA events" if device.type == "cuda" else "perf_counter"
-    floor = (
-        f"modelled floor bytes / {bandwidth / 1e12:.1f} TB/s"
+    floor = "floor: stream kernel measured here" + (
+        f"; of model: the modelled floor (bytes / {bandwidth / 1e12:.1f} TB/s) over the measured time"
         if bandwidth
-        else "floor: stream kernel measured here"
-        if device.type == "cpu"
-        else f"no modelled bandwidth for {gpu}"
+        else f" (no modelled bandwidth for {gpu})"
+        if device.type == "cuda"
+        else ""
     )
     print(
         f"per step: a cycle of k steps timed by {timer} / k (sync ms: the k-th step), contenders interleaved, "

@@ -197,17 +197,18 @@ def _family_contenders(family: Family, device: torch.device, k: int) -> list[Con
 
 def _floor_contender(family: Family, device: torch.device, k: int) -> Contender:
     """The bandwidth floor of a Lookahead step (k − 1 plain passes and a sync pass), measured
-    by a streaming kernel of _C: on the CPU only (on a GPU the ratio is to the modelled floor)."""
+    by a streaming kernel (bench/floor.py): `_C`'s on the CPU, a Triton one on a GPU."""
     name = "floor: stream kernel, same bytes"
-    if device.type != "cpu":
-        return Contender(name, family, k, True, None, "measured on the CPU only", floor=True)
-    try:
-        from .cpu_floor import FloorCycle
-    except ImportError as e:
-        return Contender(name, family, k, True, None, f"_C not importable ({e})", floor=True)
+    from . import floor as floor_module
+
+    if device.type == "cpu" and floor_module._C is None:
+        return Contender(name, family, k, True, None, "lookahead_fused._C is not importable", floor=True)
+    if device.type == "cuda" and floor_module.triton is None:
+        return Contender(name, family, k, True, None, "Triton is not importable", floor=True)
 
     def floor(params: list[Tensor]) -> Any:
-        return FloorCycle(sum(p.numel() for p in params), family.name, k, lookahead=True, param_dtype=params[0].dtype)
+        n, dtype = sum(p.numel() for p in params), params[0].dtype
+        return floor_module.FloorCycle(n, family.name, k, lookahead=True, param_dtype=dtype, device=params[0].device)
 
     return Contender(name, family, k, True, floor, floor=True)
 

@@ -8,6 +8,7 @@ The full comparison (every contender, ResNet-152, interleaved) is `python -m ben
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -21,7 +22,7 @@ from lookahead_fused import backends
 from . import __main__ as cli
 from . import contenders as contenders_module
 from .contenders import FAMILY_NAMES, contenders
-from .cpu_floor import passes
+from .floor import MAX_STREAMS, FloorCycle, passes, triton_stream
 from .params import NAMES, gpt2_shapes, param_set, resnet_shapes
 
 CPU = torch.device("cpu")
@@ -103,6 +104,42 @@ def test_floor_streams_the_bytes_of_a_fused_step(family: str, dtype: torch.dtype
         return sum((reads + writes) * numel * 4 for reads, writes, numel in passes(n, family, dtype, sync))
 
     assert (streamed(False) * (k - 1) + streamed(True)) / k / n == pytest.approx(fused.bytes_per_param(dtype))
+
+
+def _triton_device() -> str:
+    """Where the Triton floor kernel can run: a GPU, or CPU tensors under the interpreter
+    (as in CI, where test.sh sets TRITON_INTERPRET=1)."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton floor kernel needs a GPU or TRITON_INTERPRET=1")
+    return "cpu"
+
+
+@pytest.mark.parametrize("reads", range(1, MAX_STREAMS + 1))
+def test_triton_floor_kernel_reads_every_buffer_and_writes_the_first(reads: int) -> None:
+    """The GPU floor kernel: with scale 2 and mix 1 each written buffer becomes
+    2x + Σ(all read), so every load and every store is observable."""
+    device, n = _triton_device(), 3000  # two blocks, the second partial
+    for writes in range(reads + 1):
+        buffers = [torch.randn(n, device=device) for _ in range(reads)]
+        before = [b.clone() for b in buffers]
+        triton_stream(buffers, writes, scale=2.0, mix=1.0)
+        total = sum(before)
+        for i, (got, was) in enumerate(zip(buffers, before)):
+            want = 2 * was + total if i < writes else was
+            torch.testing.assert_close(got, want, msg=f"buffer {i} of {reads}, {writes} written")
+
+
+def test_triton_floor_cycle_streams_the_sync_pass_every_k_steps() -> None:
+    cycle = FloorCycle(1000, "adam", k=2, lookahead=True, device=_triton_device(), use_triton=True)
+    slow = cycle.buffers[0][4].clone()  # φ: read and written on sync steps only (scale 1, mix 0)
+    cycle.step()
+    assert [len(b) for b in cycle.buffers] == [5] and torch.equal(cycle.buffers[0][4], slow)
+    cycle.step()
+    assert torch.equal(cycle.buffers[0][4], slow)  # written back unchanged, but streamed
+    with pytest.raises(ValueError, match="1 to 5 buffers"):
+        triton_stream([torch.zeros(4)] * 6, 1)
 
 
 def test_bytes_per_param_by_dtype() -> None:
