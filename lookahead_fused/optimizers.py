@@ -152,7 +152,7 @@ class _LookaheadOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            _check_lookahead(group)  # k, alpha or inner_state edited in param_groups since
+            _check_lookahead(group)  # k, alpha or inner_state may have been edited in param_groups
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         found_inf: Tensor | None = getattr(self, "found_inf", None)
         if torch.compiler.is_compiling():
