@@ -162,16 +162,19 @@ class Bucket:
         if key != self.param_key:
             if any(d != self.dtype for d in key[3]) or any(d != self.device for d in key[4]):
                 return True
-            # A parameter that no longer fits its state (`.data` of another size, a shrunk
-            # storage) is refused before any backend reads or writes through it.
-            for i, (p, start, end) in enumerate(zip(self.params, self.offsets, [*self.offsets[1:], self.numel])):
-                if p.numel() != end - start:
-                    raise RuntimeError(f"{where(i, p)} has {p.numel()} elements, its optimizer state {end - start}")
-                if not holds(p):
-                    raise RuntimeError(f"the storage of {where(i, p)} is smaller than the parameter (was it resized?)")
+            self.check_fit()
             self.param_key, self.grad_key = key, None  # the gradients are checked against p again
             self.param_version += 1
         return False
+
+    def check_fit(self) -> None:
+        """Refuse a parameter that no longer fits its state (`.data` of another size, a shrunk
+        storage) before any backend reads or writes through it."""
+        for i, (p, start, end) in enumerate(zip(self.params, self.offsets, [*self.offsets[1:], self.numel])):
+            if p.numel() != end - start:
+                raise RuntimeError(f"{where(i, p)} has {p.numel()} elements, its optimizer state {end - start}")
+            if not holds(p):
+                raise RuntimeError(f"the storage of {where(i, p)} is smaller than the parameter (was it resized?)")
 
     def grads(self, who: str) -> list[Tensor | None]:
         """The parameters' gradients, checked before any backend touches them; the checks

@@ -27,7 +27,7 @@ def check_bucket(backend: str, b: Bucket) -> None:
             raise RuntimeError(f"the {backend} backend found state '{key}' of the wrong device, layout or size")
         if key in COUNTER_KEYS and buf.dtype != torch.float32:
             raise RuntimeError(f"the {backend} backend needs float32 counters, found {buf.dtype} for '{key}'")
-    for i, (p, offset) in enumerate(zip(b.params, b.offsets)):
+    for i, p in enumerate(b.params):
         if p.device != b.device or p.dtype != b.dtype:
             raise RuntimeError(
                 f"the {backend} backend got {where(i, p)} on {p.device} with dtype {p.dtype} "
@@ -35,11 +35,7 @@ def check_bucket(backend: str, b: Bucket) -> None:
             )
         if not is_dense(p) or any(s < 0 for s in p.stride()):
             raise RuntimeError(f"the {backend} backend needs dense parameters; {where(i, p)} has strides {p.stride()}")
-        if not holds(p):
-            raise RuntimeError(f"the storage of {where(i, p)} is smaller than the parameter (was it resized?)")
-        end = b.offsets[i + 1] if i + 1 < len(b.offsets) else b.numel
-        if p.numel() != end - offset:
-            raise RuntimeError(f"{where(i, p)} has {p.numel()} elements, its optimizer state {end - offset}")
+    b.check_fit()  # sizes and storages, again right before the addresses cross into a kernel
 
 
 def grad_scratch(backend: str, i: int, p: Tensor, g: Tensor) -> Tensor | None:
