@@ -125,6 +125,27 @@ void def_gpu_interface(py::module_& m) {
       "Bytes the emulated kernels loaded and stored since the last reset: per element (loaded, stored), "
       "per chunk (meta_loaded, meta_stored: chunk table, counters, device scalars), and launches.");
   m.def("emulated_traffic_reset", &emu::traffic_reset, "Zero the emulated kernels' traffic counters.");
+  m.def("emulated_set_block_order_seed", &emu::set_block_order_seed, py::arg("seed"),
+        "Run the blocks of every emulated launch in an order shuffled by this seed (0: in order).");
+  m.def("emulated_block_order_seed", &emu::block_order_seed, "The block-order seed (0: in order).");
+  m.def("emulated_set_strict", &emu::set_strict, py::arg("on"),
+        "Race detector: an address one block writes and another touches in the same launch fails it.");
+  m.def("emulated_strict", &emu::strict, "Whether the race detector is on.");
+  m.def("emulated_set_device_ranges", &emu::set_device_ranges, py::arg("device"), py::arg("ranges"),
+        "The (address, bytes) of every tensor of emulated device `device`: an access elsewhere fails the launch.");
+  m.def("emulated_clear_device_ranges", &emu::clear_device_ranges, py::arg("device"),
+        "Stop checking addresses of emulated device `device`.");
+  m.def("emulated_set_pending_error", &emu::set_pending_error, py::arg("error"),
+        "Make the next emulated launch find this error pending from earlier work (tests of the error path).");
+  m.def("emulated_sync_check", &emu::sync_check_enabled,
+        "Whether LOOKAHEAD_FUSED_SYNC_CHECK is set (read once): launches synchronise their stream.");
+  m.def(
+      "emulated_selftest",
+      [](const std::string& name) {
+        py::gil_scoped_release no_gil;
+        return emu::selftest(name);
+      },
+      py::arg("name"), "Run a small emulated kernel that misbehaves on purpose (tests/test_emulation.py).");
 #if defined(LOOKAHEAD_FUSED_WITH_CUDA)
   namespace cu = lookahead_fused::cuda;
   def_kernel_api<&cu::step, &cu::finalize_alpha>(m, "cuda_", "CUDA kernels on the given stream");

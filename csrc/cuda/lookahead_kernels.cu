@@ -275,6 +275,9 @@ __global__ void __launch_bounds__(kMaxBlock) step_kernel(Params a) {
 
       const int64_t off = seg.offset + chunk.start;
       ChunkPtrs<V> q;
+      // (Pointers from the table are generic to nvcc: θ and g go through LD/ST, not LDG/STG.
+      // __builtin_assume(__isGlobal(p)) turns them into LDG/STG but makes ptxas spill a few
+      // bytes in some variants on sm_86/sm_89: kept generic; see tests/test_cuda_build.py.)
       q.p = reinterpret_cast<raw_t<P>*>(seg.param) + chunk.start;
       q.g = reinterpret_cast<const raw_t<P>*>(seg.grad) + chunk.start;
       q.m = static_cast<raw_t<S>*>(a.momentum) + off;
@@ -300,8 +303,8 @@ __global__ void __launch_bounds__(kMaxBlock) step_kernel(Params a) {
   if constexpr (kDotsPhase) {
     // Stage one of the deterministic reduction: a fixed tree over the block's threads, one
     // pair per block to `partials`; finalize_kernel sums the pairs in block order.
-    __shared__ double s_gd[kMaxBlock];
-    __shared__ double s_dad[kMaxBlock];
+    LAF_SHARED(double, s_gd, kMaxBlock);
+    LAF_SHARED(double, s_dad, kMaxBlock);
     const unsigned tid = threadIdx.x;
     s_gd[tid] = dots.g_dot_d;
     s_dad[tid] = dots.d_a_d;
@@ -395,17 +398,14 @@ class DeviceGuard {
 };
 #define LAF_DEVICE_SCOPE(d) DeviceGuard device_guard_(d)
 
-void check_launch(cudaError_t e, const char* kernel) {
-  if (e != cudaSuccess)
-    throw std::runtime_error(std::string("lookahead_fused: launching CUDA kernel ") + kernel +
-                             " failed: " + cudaGetErrorName(e) + ": " + cudaGetErrorString(e));
-}
 #else
-#define LAF_DEVICE_SCOPE(d) (void)(d)
-void check_launch(const char* error, const char* kernel) {
-  if (error[0] != '\0') throw std::runtime_error(std::string("lookahead_fused: kernel ") + kernel + ": " + error);
-}
+#define LAF_DEVICE_SCOPE(d) DeviceScope device_scope_(d)
 #endif
+
+// A launch's error (cuda_compat.h says where it was seen) as an exception naming the kernel.
+void check_launch(const LaunchStatus& status, const char* kernel) {
+  if (status.stage != LaunchStage::kOk) throw std::runtime_error(status.message(kernel));
+}
 
 template <class V>
 void launch_step(const gpu::LaunchArgs& a, const Params& p) {

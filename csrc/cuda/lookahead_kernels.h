@@ -7,6 +7,8 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "../cpu_kernels.h"  // Segment rows, Kind, InnerState, DType: one layout for both
 
@@ -96,6 +98,18 @@ struct TrafficCounts {
 };
 TrafficCounts traffic_counts();
 void traffic_reset();
+// The emulated device (csrc/cuda_compat.h): block order (0: in order), the race detector, the
+// address ranges of each emulated device's tensors, an error pending for the next launch, the
+// LOOKAHEAD_FUSED_SYNC_CHECK setting, and kernels that misbehave on purpose.
+void set_block_order_seed(uint64_t seed);
+uint64_t block_order_seed();
+void set_strict(bool on);
+bool strict();
+void set_device_ranges(int device, const std::vector<std::pair<int64_t, int64_t>>& ranges);  // (address, bytes)
+void clear_device_ranges(int device);
+void set_pending_error(const std::string& error);
+bool sync_check_enabled();
+std::string selftest(const std::string& name);
 }  // namespace lookahead_fused::emulated
 
 #if defined(LOOKAHEAD_FUSED_WITH_CUDA)

@@ -7,19 +7,71 @@ Everything but the target is backends/cuda.py: the same tables, launches and dev
 decisions. The grid is small (at most 3 blocks of 32 threads) and chunks are short, so that
 small test models still exercise several blocks, the grid-stride loop over chunks and the
 two-stage reduction of adaptive α.
+
+Fake devices (csrc/cuda_compat.h): before each launch, the address ranges of every tensor the
+launch may touch (parameters, gradients and their scratch copies, the bucket's state buffers,
+its tables, adaptive α's buffers, the device scalars) are registered for the launch's emulated
+device, so an access anywhere else (another device's tensor, past a tensor's end) fails the
+launch with "illegal address". `_C.emulated_set_block_order_seed` and `_C.emulated_set_strict`
+make blocks run in a shuffled order and turn on the race detector.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .._buckets import Bucket
-from .cuda import _Target, run_step
+from .cuda import _C, _Target, run_step
 
-EMULATED = _Target(
+# The tensors of the step in progress on this thread (set by step(), read at each launch).
+_current = threading.local()
+
+
+def _tensors(context: tuple) -> list[Tensor]:
+    group, buckets, grads, grad_scale, found_inf = context
+    out: list[Tensor] = [t for t in (grad_scale, found_inf, group.get("lr")) if isinstance(t, Tensor)]
+    for b, gs in zip(buckets, grads):
+        out += list(b.params) + [g for g in gs if g is not None] + list(b.flat.values())
+        for key, value in b.backend_cache.items():
+            if key == "cuda_rows":  # the host copy of the segment table (host memory on a GPU)
+                continue
+            if isinstance(value, Tensor):
+                out.append(value)
+            elif isinstance(value, dict):  # cuda_relayout: gradient scratch tensors
+                out += [t for t in value.values() if isinstance(t, Tensor)]
+    return out
+
+
+def _register(device: int) -> None:
+    context = getattr(_current, "context", None)
+    if context is None:
+        return
+    ranges = [(t.data_ptr(), t.numel() * t.element_size()) for t in _tensors(context) if t.device.type == "cpu"]
+    _C.emulated_set_device_ranges(device, ranges)
+    _current.devices.add(device)
+
+
+@dataclass(frozen=True)
+class _EmulatedTarget(_Target):
+    """The emulation's entry points register the launch's tensors for its device first."""
+
+    def entry(self, what: str) -> Callable[[Any], None]:
+        launch = super().entry(what)
+
+        def checked(args: Any) -> None:
+            _register(args.device)
+            launch(args)
+
+        return checked
+
+
+EMULATED = _EmulatedTarget(
     name="cuda_emulated",
     device_type="cpu",
     prefix="emulated_",
@@ -42,4 +94,10 @@ def step(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
 ) -> None:
-    run_step(EMULATED, kind, group, buckets, grads, grad_scale, found_inf)
+    _current.context, _current.devices = (group, buckets, grads, grad_scale, found_inf), set()
+    try:
+        run_step(EMULATED, kind, group, buckets, grads, grad_scale, found_inf)
+    finally:
+        for device in _current.devices:  # the tensors may go away: check nothing stale later
+            _C.emulated_clear_device_ranges(device)
+        _current.context = None
