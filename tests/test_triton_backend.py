@@ -218,3 +218,222 @@ def test_unavailable_explains_why(monkeypatch: pytest.MonkeyPatch, triton_backen
     assert triton_backend.unavailable(torch.device("meta")) is not None
     monkeypatch.setattr(triton_backend, "_IMPORT_ERROR", "triton is not importable: no module")
     assert triton_backend.unavailable(CPU) == "triton is not importable: no module"
+
+
+# ---------------------------------------------------------------------------------------
+# The ALIGNED variant (128-bit accesses on a GPU, tests/test_codegen.py).
+# ---------------------------------------------------------------------------------------
+
+
+class _Recorder:
+    """Stands in for a kernel of lookahead_fused.triton_kernels: records each launch's
+    arguments (and `check(name, args)`'s verdict), then launches the real kernel."""
+
+    def __init__(self, name: str, kernel, launches: list, check=None) -> None:  # noqa: ANN001
+        self.name, self.kernel, self.launches, self.check = name, kernel, launches, check
+
+    def __getitem__(self, grid):  # noqa: ANN001, ANN204
+        def launch(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            self.launches.append((self.name, kwargs, self.check(args, kwargs) if self.check else None))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def _record_launches(monkeypatch: pytest.MonkeyPatch, check=None) -> list:  # noqa: ANN001
+    from lookahead_fused import triton_kernels as kernels
+
+    launches: list = []
+    for name in ("lookahead_step_kernel", "advance_counters_kernel"):
+        monkeypatch.setattr(kernels, name, _Recorder(name, getattr(kernels, name), launches, check))
+    return launches
+
+
+def _aligned_run(cls: type, dtype: torch.dtype, options: dict, steps: int = 5) -> list[Tensor]:
+    """Parameters whose sizes are multiples of 8 (every row aligned) spanning full and partial
+    blocks and several programs (small_chunks): the tensors after `steps` steps."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in [(8, 12), (40,), (16,)]]
+    opt = cls(params, lr=0.01, k=2, backend="triton", **options)
+    for step in range(steps):
+        for i, p in enumerate(params):
+            p.grad = None if (step + i) % 3 == 2 else torch.randn(p.shape, generator=gen).to(dtype)
+        opt.step()
+    return [p.detach().clone() for p in params] + [t.clone() for p in params for t in opt.state[p].values()]
+
+
+_ALIGNED_CASES = [
+    (LookaheadSGD, {"momentum": 0.9, "nesterov": True, "inner_state": "pullback"}),
+    (LookaheadAdam, {"amsgrad": True, "adaptive_alpha": True, "inner_state": "pullback"}),
+    (LookaheadAdam, {"weight_decay": 0.1, "inner_state": "reset", "capturable": True}),
+]
+
+
+@pytest.mark.usefixtures("small_chunks")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("cls", "options"), _ALIGNED_CASES, ids=["sgd", "adam_adaptive", "adam_capturable"])
+def test_aligned_variant_is_bit_identical_to_the_unaligned_one(
+    monkeypatch: pytest.MonkeyPatch,
+    triton_backend,
+    cls: type,
+    options: dict,
+    dtype: torch.dtype,  # noqa: ANN001
+) -> None:
+    """Aligned rows get ALIGNED=True (unmasked full blocks, a masked tail) and step exactly as
+    the masked loop of the unaligned variant does, which the other tests check against the
+    reference."""
+    launches = _record_launches(monkeypatch)
+    aligned = _aligned_run(cls, dtype, options)
+    steps = [kw for name, kw, _ in launches if name == "lookahead_step_kernel"]
+    assert steps and all(kw["ALIGNED"] for kw in steps)
+
+    launches.clear()
+    monkeypatch.setattr(triton_backend, "_ALIGNMENT", 1 << 40)  # no address qualifies
+    unaligned = _aligned_run(cls, dtype, options)
+    steps = [kw for name, kw, _ in launches if name == "lookahead_step_kernel"]
+    assert steps and not any(kw["ALIGNED"] for kw in steps)
+    for got, want in zip(aligned, unaligned, strict=True):
+        assert torch.equal(got.view(torch.uint8) if got.dim() else got, want.view(torch.uint8) if want.dim() else want)
+
+
+def test_unaligned_parameter_or_gradient_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A parameter that is a view at an odd offset, or a gradient that is one, makes its
+    bucket take the unaligned variant; results still match the reference."""
+    launches = _record_launches(monkeypatch)
+    gen = torch.Generator().manual_seed(0)
+    storage = torch.randn(33, generator=gen)
+    p = torch.nn.Parameter(storage[1:].view(4, 8))  # 4 bytes past a 64-byte boundary
+    q = torch.nn.Parameter(torch.randn(16, generator=gen))
+    ref = [p.detach().clone(), q.detach().clone()]
+    opt = LookaheadAdam([p, q], lr=0.01, k=2, backend="triton")
+    state = [reference.init_state(r, optimizer="adam") for r in ref]
+    group = {**opt.param_groups[0]}
+    seen = []
+    for step in range(4):
+        if step == 2:  # from here p is aligned again, and q's gradient is not
+            p.data = p.data.clone()
+        grads = [torch.randn(4, 8, generator=gen), torch.randn(17, generator=gen)[1:] if step >= 2 else None]
+        grads[1] = torch.randn(16, generator=gen) if grads[1] is None else grads[1]
+        p.grad, q.grad = grads
+        launches.clear()
+        opt.step()
+        seen.append({kw["ALIGNED"] for name, kw, _ in launches if name == "lookahead_step_kernel"})
+        reference.step_group("adam", ref, grads, state, group)
+        for got, want in zip([p, q], ref):
+            torch.testing.assert_close(got.detach(), want, **TOLERANCES[torch.float32])
+    assert seen == [{False}, {False}, {False}, {False}]
+
+    p.grad, q.grad = torch.randn(4, 8, generator=gen), torch.randn(16, generator=gen)  # both aligned
+    launches.clear()
+    opt.step()
+    assert {kw["ALIGNED"] for name, kw, _ in launches if name == "lookahead_step_kernel"} == {True}
+
+
+def test_amsgrad_max_propagates_nan() -> None:
+    """torch.maximum propagates NaN into max_exp_avg_sq (and so into θ); tl.maximum's default
+    would keep the old maximum and let the step go on as if nothing happened."""
+    p = torch.nn.Parameter(torch.ones(8))
+    ref = p.detach().clone()
+    opt = LookaheadAdam([p], lr=0.01, k=3, amsgrad=True, backend="triton")
+    state = [reference.init_state(ref, optimizer="adam", amsgrad=True)]
+    group = {**opt.param_groups[0]}
+    for step in range(2):
+        g = torch.full((8,), 0.5)
+        if step == 1:
+            g[3] = float("nan")
+        p.grad = g
+        opt.step()
+        reference.step_group("adam", [ref], [g], state, group)
+    vmax = opt.state[p]["max_exp_avg_sq"]
+    assert vmax[3].isnan() and state[0]["max_exp_avg_sq"][3].isnan()
+    torch.testing.assert_close(vmax, state[0]["max_exp_avg_sq"], equal_nan=True, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(p.detach(), ref, equal_nan=True, **TOLERANCES[torch.float32])
+
+
+# ---------------------------------------------------------------------------------------
+# Device placement, without a GPU: buckets that claim to be on cuda:0 and cuda:1.
+# ---------------------------------------------------------------------------------------
+
+
+def test_every_launch_runs_on_its_buckets_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each launch (both adaptive-α passes and the counter kernel) happens under
+    torch.cuda.device(bucket.device), with every tensor argument (α̂ included) on that device.
+    The buckets' tensors stay on the CPU (the interpreter runs the kernels); what device each
+    claims is tracked beside them, and Tensor.to a CUDA device makes a CPU copy that claims it."""
+    import contextlib
+
+    gen = torch.Generator().manual_seed(0)
+    params = [
+        torch.randn(8, 4, generator=gen).requires_grad_(),
+        torch.randn(16, generator=gen).bfloat16().requires_grad_(),
+    ]
+    opt = LookaheadAdam(params, lr=0.01, k=1, adaptive_alpha=True, backend="triton")  # k = 1: every step syncs
+    grads = [torch.randn_like(p) for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt.step()  # builds the tables and caches on the CPU
+
+    claimed: dict[int, torch.device] = {}  # id(tensor) -> the device it stands for
+    keep: list[Tensor] = []  # keeps the ids above alive
+
+    def claim(t: Tensor, device: torch.device) -> Tensor:
+        claimed[id(t)] = device
+        keep.append(t)
+        return t
+
+    def tensors(x: object):  # noqa: ANN202
+        if isinstance(x, Tensor):
+            yield x
+        elif isinstance(x, dict):
+            for v in x.values():
+                yield from tensors(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                yield from tensors(v)
+
+    buckets = opt._group_buckets[0]
+    assert len(buckets) == 2
+    for i, bucket in enumerate(buckets):
+        bucket.device = torch.device("cuda", i)
+        for t in [*tensors(bucket.flat), *tensors(bucket.backend_cache)]:
+            claim(t, bucket.device)
+
+    to = torch.Tensor.to
+
+    def fake_to(self: Tensor, *args: object, **kwargs: object) -> Tensor:
+        target = kwargs.get("device", next((a for a in args if isinstance(a, (str, torch.device))), None))
+        if target is None or torch.device(target).type != "cuda":
+            return to(self, *args, **kwargs)
+        target = torch.device(target)
+        if claimed.get(id(self)) == target:
+            return self
+        rest = {k: v for k, v in kwargs.items() if k != "device"}
+        return claim(to(self, *[a for a in args if not isinstance(a, (str, torch.device))], **rest).clone(), target)
+
+    current: list[torch.device] = []
+
+    @contextlib.contextmanager
+    def fake_device(device: torch.device):  # noqa: ANN202
+        current.append(torch.device(device))
+        try:
+            yield
+        finally:
+            current.pop()
+
+    def check(args: tuple, kwargs: dict) -> tuple:
+        devices = {claimed.get(id(t), t.device) for t in [*args, *kwargs.values()] if isinstance(t, Tensor)}
+        return (current[-1] if current else None), devices
+
+    monkeypatch.setattr(torch.Tensor, "to", fake_to)
+    monkeypatch.setattr(torch.cuda, "device", fake_device)
+    launches = _record_launches(monkeypatch, check)
+    opt.step()
+
+    names = [name for name, _, _ in launches]
+    assert names.count("lookahead_step_kernel") == 4 and names.count("advance_counters_kernel") == 2
+    on = set()
+    for name, _, (device, devices) in launches:
+        assert device is not None and device.type == "cuda", f"{name} launched outside torch.cuda.device"
+        assert devices == {device}, f"{name} launched on {device} with tensors on {devices}"
+        on.add(device)
+    assert on == {torch.device("cuda", 0), torch.device("cuda", 1)}

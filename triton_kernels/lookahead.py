@@ -132,15 +132,146 @@ def _adam(
     theta, g, m, v, vmax, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, neg_step_size, AMSGRAD: tl.constexpr
 ):
     """torch.optim.Adam's moment and parameter update for one block, after weight decay:
-    returns (θ, m, v, max v)."""
+    returns (θ, m, v, max v). IEEE-rounded sqrt and division, and a NaN-propagating max
+    (torch.maximum's), so that the result is torch's to the bit."""
     m = _lerp(m, g, one_minus_beta1)
     v = v * beta2 + one_minus_beta2 * g * g
     if AMSGRAD:
-        vmax = tl.maximum(vmax, v)
-        denom = tl.sqrt(vmax) / bc2_sqrt + eps
+        vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
+        denom = tl.div_rn(tl.sqrt_rn(vmax), bc2_sqrt) + eps
     else:
-        denom = tl.sqrt(v) / bc2_sqrt + eps
-    return theta + neg_step_size * (m / denom), m, v, vmax
+        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+    return theta + neg_step_size * tl.div_rn(m, denom), m, v, vmax
+
+
+@triton.jit
+def _block(
+    idx,
+    in_range,  # None: a full block (no bounds mask at all, so accesses can be vectorised)
+    param_row,
+    grad_row,
+    momentum_row,
+    exp_avg_sq_row,
+    max_exp_avg_sq_row,
+    cached_row,
+    slow_row,
+    do_inner,
+    do_sync,
+    do_dots,
+    reset,
+    pullback,
+    first,
+    alpha,
+    wd,
+    decay,
+    grad_scale,
+    lr32,
+    neg_lr,
+    momentum,
+    one_minus_dampening,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    bc2_32,
+    bc2_sqrt,
+    eps,
+    neg_step_size,
+    PARAM_DTYPE: tl.constexpr,
+    ADAM: tl.constexpr,
+    DECOUPLED: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    INNER_STATE: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    PHASE: tl.constexpr,
+    SYNC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One block of a chunk: the inner step, the sync and the stores. Returns this block's
+    (gᵀd, dᵀÂd) for adaptive α (zeros outside PHASE_INNER_DOTS)."""
+    if in_range is None:
+        in_range = tl.full([BLOCK], True, tl.int1)
+    theta = tl.load(param_row + idx, mask=in_range).to(tl.float32)
+    inner = _lanes(in_range, do_inner)
+    g = tl.load(grad_row + idx, mask=inner, other=0.0).to(tl.float32)
+    if HAS_GRAD_SCALE:
+        g = tl.div_rn(g, grad_scale)
+    if MAXIMIZE:
+        g = -g
+
+    # The inner step (masked off on the elements that take none).
+    m = tl.zeros([BLOCK], dtype=tl.float32)
+    v = tl.zeros([BLOCK], dtype=tl.float32)
+    vmax = tl.zeros([BLOCK], dtype=tl.float32)
+    if ADAM:
+        if DECOUPLED:
+            theta_in = theta * decay
+        else:
+            theta_in = theta
+            g = _l2(g, wd, theta)
+        m = tl.load(momentum_row + idx, mask=_lanes(in_range, do_inner | pullback), other=0.0).to(tl.float32)
+        v = tl.load(exp_avg_sq_row + idx, mask=inner, other=0.0).to(tl.float32)
+        if AMSGRAD:
+            vmax = tl.load(max_exp_avg_sq_row + idx, mask=inner, other=0.0).to(tl.float32)
+        new_theta, new_m, v, vmax = _adam(
+            theta_in, g, m, v, vmax, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, neg_step_size, AMSGRAD
+        )
+    else:
+        g = _l2(g, wd, theta)
+        if HAS_MOMENTUM:
+            m_mask = _lanes(in_range, (do_inner & ~first) | (pullback & ~do_inner))
+            m = tl.load(momentum_row + idx, mask=m_mask, other=0.0).to(tl.float32)
+        new_theta, new_m = _sgd(theta, g, m, first, momentum, one_minus_dampening, neg_lr, HAS_MOMENTUM, NESTEROV)
+    theta = tl.where(do_inner, _round(new_theta, PARAM_DTYPE).to(tl.float32), theta)  # θ as stored
+    m = tl.where(do_inner, new_m, m)
+
+    # Adaptive α's sums (reference.adaptive_alpha): d = θ0 − θk, Â = (√v̂ + ε) / lr.
+    gd = tl.zeros([], dtype=tl.float64)
+    dad = tl.zeros([], dtype=tl.float64)
+    if PHASE == 1:
+        if ADAM:
+            dots = _lanes(in_range, do_dots)
+            d = tl.load(slow_row + idx, mask=dots, other=0.0).to(tl.float32) - theta
+            d = tl.where(dots, d, 0.0)
+            if AMSGRAD:
+                v_hat = tl.div_rn(vmax, bc2_32)
+            else:
+                v_hat = tl.div_rn(v, bc2_32)
+            curvature = tl.div_rn(tl.sqrt_rn(v_hat) + eps, lr32)
+            gd = tl.sum(g * d, axis=0).to(tl.float64)
+            dad = tl.sum((d * curvature) * d, axis=0).to(tl.float64)
+
+    # The sync (Algorithm 1): φ ← φ + α (θ − φ) (eq. 1), θ ← φ, then the inner-state policy.
+    if SYNC != 0 and PHASE != 1:
+        sync = _lanes(in_range, do_sync)
+        slow = tl.load(slow_row + idx, mask=sync, other=0.0).to(tl.float32)
+        slow = _round(_lerp(slow, theta, alpha), slow_row.dtype.element_ty)
+        tl.store(slow_row + idx, slow, mask=sync)
+        theta = tl.where(do_sync, slow.to(tl.float32), theta)  # θ takes φ as stored
+        if INNER_STATE == 1:  # reset: the state the inner optimizer has before its first step
+            m = tl.where(do_sync, 0.0, m)
+            v = tl.where(do_sync, 0.0, v)
+            vmax = tl.where(do_sync, 0.0, vmax)
+        if INNER_STATE == 2:  # pullback: m ← α m + (1 − α) m_cached, then m_cached ← m
+            if ADAM or HAS_MOMENTUM:
+                cached = tl.load(cached_row + idx, mask=sync, other=0.0).to(tl.float32)
+                m_stored = _round(m, momentum_row.dtype.element_ty).to(tl.float32)
+                m_pulled = _round(m_stored * alpha + (1.0 - alpha) * cached, momentum_row.dtype.element_ty)
+                tl.store(cached_row + idx, _round(m_pulled.to(tl.float32), cached_row.dtype.element_ty), mask=sync)
+                m = tl.where(do_sync, m_pulled.to(tl.float32), m)
+
+    tl.store(param_row + idx, _round(theta, PARAM_DTYPE), mask=in_range)
+    if ADAM or HAS_MOMENTUM:
+        write_m = _lanes(in_range, do_inner | reset | pullback)
+        tl.store(momentum_row + idx, _round(m, momentum_row.dtype.element_ty), mask=write_m)
+    if ADAM:
+        write_v = _lanes(in_range, do_inner | reset)
+        tl.store(exp_avg_sq_row + idx, _round(v, exp_avg_sq_row.dtype.element_ty), mask=write_v)
+        if AMSGRAD:
+            tl.store(max_exp_avg_sq_row + idx, _round(vmax, max_exp_avg_sq_row.dtype.element_ty), mask=write_v)
+    return gd, dad
 
 
 @triton.jit
@@ -184,17 +315,34 @@ def lookahead_step_kernel(
     ALPHA_ON_DEVICE: tl.constexpr,
     PHASE: tl.constexpr,
     SYNC: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every row's addresses are 16-byte aligned (checked by the host)
     BLOCK: tl.constexpr,
 ):
     row = table_ptr + tl.program_id(0).to(tl.int64) * 5
-    param_ptr = tl.load(row + 0).to(tl.pointer_type(PARAM_DTYPE))
     first_index = tl.load(row + 1)
     n = tl.load(row + 2)
     offset = tl.load(row + 3)
     slot = tl.load(row + 4)
     grad_address = tl.load(grad_address_ptr + slot)
     has_grad = grad_address != 0
-    grad_ptr = grad_address.to(tl.pointer_type(PARAM_DTYPE)) + first_index
+    param_row = tl.load(row + 0).to(tl.pointer_type(PARAM_DTYPE))
+    grad_row = grad_address.to(tl.pointer_type(PARAM_DTYPE)) + first_index
+    momentum_row = momentum_ptr + offset
+    exp_avg_sq_row = exp_avg_sq_ptr + offset
+    max_exp_avg_sq_row = max_exp_avg_sq_ptr + offset
+    cached_row = cached_ptr + offset
+    slow_row = slow_ptr + offset
+    if ALIGNED:
+        # The host checked that every row starts 16-byte aligned in every tensor; the hints
+        # (on the pointers themselves: an int-to-pointer cast would drop them, and so does a
+        # helper's argument) let every full block use 128-bit accesses.
+        param_row = tl.multiple_of(param_row, 16)
+        grad_row = tl.multiple_of(grad_row, 16)
+        momentum_row = tl.multiple_of(momentum_row, 16)
+        exp_avg_sq_row = tl.multiple_of(exp_avg_sq_row, 16)
+        max_exp_avg_sq_row = tl.multiple_of(max_exp_avg_sq_row, 16)
+        cached_row = tl.multiple_of(cached_row, 16)
+        slow_row = tl.multiple_of(slow_row, 16)
 
     ok = tl.load(found_inf_ptr) == 0
     step_before = tl.load(step_ptr + slot)
@@ -226,102 +374,45 @@ def lookahead_step_kernel(
     wd = tl.cast(weight_decay, tl.float32)
     step64 = step_before.to(tl.float64) + 1.0
     bc2 = 1.0 - tl.exp(step64 * tl.cast(log_beta2, tl.float64))
-    bc2_sqrt = tl.sqrt(bc2).to(tl.float32)
+    bc2_sqrt = tl.sqrt(bc2).to(tl.float32)  # fp64: always sqrt.rn
     neg_step_size = (-lr64 / (1.0 - tl.exp(step64 * tl.cast(log_beta1, tl.float64)))).to(tl.float32)
-    neg_lr = (-lr64).to(tl.float32)
     decay = (1.0 - lr64 * tl.cast(weight_decay, tl.float64)).to(tl.float32)  # AdamW: θ ← θ (1 − lr λ)
     first = step_before == 0  # SGD: the first momentum buffer is the gradient itself
+    grad_scale = tl.cast(1.0, tl.float32)
     if HAS_GRAD_SCALE:
         grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
 
+    # Full blocks without a bounds mask when ALIGNED (so that accesses are vectorised), then
+    # the masked rest: the last partial block, or every block of an unaligned bucket.
     gd = tl.zeros([], dtype=tl.float64)
     dad = tl.zeros([], dtype=tl.float64)
     active = do_inner | do_sync
-    for start in range(0, tl.where(active, n, 0), BLOCK):
+    n = tl.where(active, n, 0)
+    full = 0
+    if ALIGNED:
+        full = n - n % BLOCK
+        for start in range(0, full, BLOCK):
+            idx = start + tl.arange(0, BLOCK)
+            block_gd, block_dad = _block(
+                idx, None, param_row, grad_row, momentum_row, exp_avg_sq_row, max_exp_avg_sq_row, cached_row,
+                slow_row, do_inner, do_sync, do_dots, reset, pullback, first, alpha, wd, decay, grad_scale,
+                lr64.to(tl.float32), (-lr64).to(tl.float32), momentum, one_minus_dampening, one_minus_beta1, beta2,
+                one_minus_beta2, bc2.to(tl.float32), bc2_sqrt, eps, neg_step_size, PARAM_DTYPE, ADAM, DECOUPLED,
+                HAS_MOMENTUM, NESTEROV, MAXIMIZE, AMSGRAD, INNER_STATE, HAS_GRAD_SCALE, PHASE, SYNC, BLOCK,
+            )  # fmt: skip
+            gd += block_gd
+            dad += block_dad
+    for start in range(full, n, BLOCK):
         idx = start + tl.arange(0, BLOCK)
-        in_range = idx < n
-        state_idx = offset + idx
-        theta = tl.load(param_ptr + idx, mask=in_range).to(tl.float32)
-        inner = _lanes(in_range, do_inner)
-        g = tl.load(grad_ptr + idx, mask=inner, other=0.0).to(tl.float32)
-        if HAS_GRAD_SCALE:
-            g = g / grad_scale
-        if MAXIMIZE:
-            g = -g
-
-        # The inner step (masked off on the elements that take none).
-        m = tl.zeros([BLOCK], dtype=tl.float32)
-        v = tl.zeros([BLOCK], dtype=tl.float32)
-        vmax = tl.zeros([BLOCK], dtype=tl.float32)
-        if ADAM:
-            if DECOUPLED:
-                theta_in = theta * decay
-            else:
-                theta_in = theta
-                g = _l2(g, wd, theta)
-            m = tl.load(momentum_ptr + state_idx, mask=_lanes(in_range, do_inner | pullback), other=0.0).to(tl.float32)
-            v = tl.load(exp_avg_sq_ptr + state_idx, mask=inner, other=0.0).to(tl.float32)
-            if AMSGRAD:
-                vmax = tl.load(max_exp_avg_sq_ptr + state_idx, mask=inner, other=0.0).to(tl.float32)
-            new_theta, new_m, v, vmax = _adam(
-                theta_in, g, m, v, vmax, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, neg_step_size, AMSGRAD
-            )
-        else:
-            g = _l2(g, wd, theta)
-            if HAS_MOMENTUM:
-                m_mask = _lanes(in_range, (do_inner & ~first) | (pullback & ~do_inner))
-                m = tl.load(momentum_ptr + state_idx, mask=m_mask, other=0.0).to(tl.float32)
-            new_theta, new_m = _sgd(theta, g, m, first, momentum, one_minus_dampening, neg_lr, HAS_MOMENTUM, NESTEROV)
-        theta = tl.where(do_inner, _round(new_theta, PARAM_DTYPE).to(tl.float32), theta)  # θ as stored
-        m = tl.where(do_inner, new_m, m)
-
-        # Adaptive α's sums (reference.adaptive_alpha): d = θ0 − θk, Â = (√v̂ + ε) / lr.
-        if PHASE == 1:
-            if ADAM:
-                dots = _lanes(in_range, do_dots)
-                d = tl.load(slow_ptr + state_idx, mask=dots, other=0.0).to(tl.float32) - theta
-                d = tl.where(dots, d, 0.0)
-                if AMSGRAD:
-                    v_hat = vmax / bc2.to(tl.float32)
-                else:
-                    v_hat = v / bc2.to(tl.float32)
-                curvature = (tl.sqrt(v_hat) + eps) / lr64.to(tl.float32)
-                gd += tl.sum(g * d, axis=0).to(tl.float64)
-                dad += tl.sum((d * curvature) * d, axis=0).to(tl.float64)
-
-        # The sync (Algorithm 1): φ ← φ + α (θ − φ) (eq. 1), θ ← φ, then the inner-state policy.
-        if SYNC != 0 and PHASE != 1:
-            sync = _lanes(in_range, do_sync)
-            slow = tl.load(slow_ptr + state_idx, mask=sync, other=0.0).to(tl.float32)
-            slow = _round(_lerp(slow, theta, alpha), slow_ptr.dtype.element_ty)
-            tl.store(slow_ptr + state_idx, slow, mask=sync)
-            theta = tl.where(do_sync, slow.to(tl.float32), theta)  # θ takes φ as stored
-            if INNER_STATE == 1:  # reset: the state the inner optimizer has before its first step
-                m = tl.where(do_sync, 0.0, m)
-                v = tl.where(do_sync, 0.0, v)
-                vmax = tl.where(do_sync, 0.0, vmax)
-            if INNER_STATE == 2:  # pullback: m ← α m + (1 − α) m_cached, then m_cached ← m
-                if ADAM or HAS_MOMENTUM:
-                    keep = sync
-                    cached = tl.load(cached_ptr + state_idx, mask=keep, other=0.0).to(tl.float32)
-                    m_stored = _round(m, momentum_ptr.dtype.element_ty).to(tl.float32)
-                    m_pulled = _round(m_stored * alpha + (1.0 - alpha) * cached, momentum_ptr.dtype.element_ty)
-                    tl.store(
-                        cached_ptr + state_idx, _round(m_pulled.to(tl.float32), cached_ptr.dtype.element_ty), mask=keep
-                    )
-                    m = tl.where(do_sync, m_pulled.to(tl.float32), m)
-
-        tl.store(param_ptr + idx, _round(theta, PARAM_DTYPE), mask=in_range)
-        if ADAM or HAS_MOMENTUM:
-            write_m = _lanes(in_range, do_inner | reset | pullback)
-            tl.store(momentum_ptr + state_idx, _round(m, momentum_ptr.dtype.element_ty), mask=write_m)
-        if ADAM:
-            write_v = _lanes(in_range, do_inner | reset)
-            tl.store(exp_avg_sq_ptr + state_idx, _round(v, exp_avg_sq_ptr.dtype.element_ty), mask=write_v)
-            if AMSGRAD:
-                tl.store(
-                    max_exp_avg_sq_ptr + state_idx, _round(vmax, max_exp_avg_sq_ptr.dtype.element_ty), mask=write_v
-                )
+        block_gd, block_dad = _block(
+            idx, idx < n, param_row, grad_row, momentum_row, exp_avg_sq_row, max_exp_avg_sq_row, cached_row,
+            slow_row, do_inner, do_sync, do_dots, reset, pullback, first, alpha, wd, decay, grad_scale,
+            lr64.to(tl.float32), (-lr64).to(tl.float32), momentum, one_minus_dampening, one_minus_beta1, beta2,
+            one_minus_beta2, bc2.to(tl.float32), bc2_sqrt, eps, neg_step_size, PARAM_DTYPE, ADAM, DECOUPLED,
+            HAS_MOMENTUM, NESTEROV, MAXIMIZE, AMSGRAD, INNER_STATE, HAS_GRAD_SCALE, PHASE, SYNC, BLOCK,
+        )  # fmt: skip
+        gd += block_gd
+        dad += block_dad
 
     if PHASE == 1:
         out = partial_ptr + tl.program_id(0).to(tl.int64) * 2

@@ -35,6 +35,7 @@ weights of any float dtype); a group with fp64 parameters is stepped by backend 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Any
@@ -66,10 +67,15 @@ else:
 # largest tensor (_block). Tests that need several blocks and programs per tensor set smaller
 # values: both are read at launch time (CHUNK also keys the cached chunk table).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-BLOCK = 16384 if INTERPRET else 1024
+GPU_BLOCK = 1024
+BLOCK = 16384 if INTERPRET else GPU_BLOCK
 CHUNK = 4 * BLOCK if INTERPRET else 16 * BLOCK
 NUM_WARPS = 4
 COUNTER_BLOCK = 128  # the counter kernel: one element per parameter
+
+# The ALIGNED kernel variant needs every row of every tensor to start at a multiple of this
+# many bytes (128-bit accesses); torch's allocations are, views at odd offsets may not be.
+_ALIGNMENT = 16
 
 # How many gradient-address vectors a bucket keeps (distinct sets of gradients seen lately).
 _GRAD_VECTORS_KEPT = 4
@@ -116,19 +122,68 @@ def step(
     launches = [
         _Launch(kind, group, b, gs, grad_scale, found_inf, on_device) for b, gs in zip(buckets, grads, strict=True)
     ]
-    adaptive = kind != "sgd" and group.get("adaptive_alpha", False) and syncs is not False
-    if adaptive:
-        for launch in launches:
-            launch.run(kernels.PHASE_INNER_DOTS, mode)
-        alpha_hat = _alpha_hat(group, launches)
-        for launch in launches:
-            launch.run(kernels.PHASE_SYNC_ONLY, mode, alpha_hat)
-    else:
-        for launch in launches:
-            launch.run(kernels.PHASE_STEP, mode)
+    alpha_hats: list[Tensor | None] = [None] * len(launches)
+    for phase in phases(kind, group, mode):
+        if phase == kernels.PHASE_SYNC_ONLY:
+            alpha_hats = _alpha_hat(group, launches)
+        for launch, alpha_hat in zip(launches, alpha_hats):
+            launch.run(phase, mode, alpha_hat)
     for launch in launches:
         launch.advance_counters(mode)
         launch.bucket.host_count = count
+
+
+def phases(kind: str, group: dict[str, Any], mode: int) -> list[int]:
+    """The step kernel's launches per bucket in a step: one, or with adaptive α on a step that
+    may sync two (the second with α̂ from the device, ALPHA_ON_DEVICE)."""
+    if kind != "sgd" and group.get("adaptive_alpha", False) and mode != kernels.SYNC_NEVER:
+        return [kernels.PHASE_INNER_DOTS, kernels.PHASE_SYNC_ONLY]
+    return [kernels.PHASE_STEP]
+
+
+def step_constexprs(
+    kind: str,
+    group: dict[str, Any],
+    param_dtype: torch.dtype,
+    *,
+    grad_scale: bool,
+    lr_on_device: bool,
+    phase: int,
+    mode: int,
+    aligned: bool,
+    block: int,
+) -> dict[str, Any]:
+    """The constexprs of a `lookahead_step_kernel` launch: the only place they are chosen
+    (tests/test_codegen.py compiles every variant from here)."""
+    momentum = group.get("momentum", 0.0)
+    return dict(
+        PARAM_DTYPE=_param_dtypes()[param_dtype],
+        ADAM=kind != "sgd",
+        DECOUPLED=kind == "adamw",
+        HAS_MOMENTUM=kind == "sgd" and momentum != 0,
+        NESTEROV=bool(group.get("nesterov", False)),
+        MAXIMIZE=bool(group["maximize"]),
+        AMSGRAD=bool(group.get("amsgrad", False)),
+        INNER_STATE=kernels.INNER_STATE_CODES[group["inner_state"]],
+        HAS_GRAD_SCALE=grad_scale,
+        LR_ON_DEVICE=lr_on_device,
+        ALPHA_ON_DEVICE=phase == kernels.PHASE_SYNC_ONLY,
+        PHASE=phase,
+        SYNC=mode,
+        ALIGNED=aligned,
+        BLOCK=block,
+    )
+
+
+def counter_constexprs(group: dict[str, Any], mode: int) -> dict[str, Any]:
+    """The constexprs of an `advance_counters_kernel` launch."""
+    return dict(SYNC=mode, RESET=group["inner_state"] == "reset", BLOCK=COUNTER_BLOCK)
+
+
+def _on(device: torch.device) -> contextlib.AbstractContextManager:
+    """Launches (and the torch ops of adaptive α) go to the bucket's device and its current
+    stream, not to whichever device is current."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _host_count(bucket: Bucket) -> int:
@@ -139,15 +194,19 @@ def _host_count(bucket: Bucket) -> int:
     return bucket.host_count
 
 
-def _alpha_hat(group: dict[str, Any], launches: list[_Launch]) -> Tensor:
+def _alpha_hat(group: dict[str, Any], launches: list[_Launch]) -> list[Tensor]:
     """α̂ of paper §2.1 for the group, on the device: 1 + gᵀd / dᵀÂd from the partial sums of
     every program of every bucket, clipped to [alpha_low, 1]; the group's α where dᵀÂd is 0
-    or not finite (reference.adaptive_alpha)."""
+    or not finite (reference.adaptive_alpha). Formed on the first bucket's device from the
+    partials in bucket order (one reduction of one tensor: the same sum every time), and
+    returned as one copy per launch on that launch's device."""
     device = launches[0].bucket.device
-    sums = torch.cat([launch.partials.to(device) for launch in launches]).sum(0)
-    g_dot_d, d_a_d = sums[0], sums[1]
-    alpha_hat = (1 + g_dot_d / d_a_d).clamp(group["alpha_low"], 1.0)
-    return torch.where((d_a_d != 0) & d_a_d.isfinite(), alpha_hat, group["alpha"]).to(torch.float32)
+    with _on(device):
+        sums = torch.cat([launch.partials.to(device) for launch in launches]).sum(0)
+        g_dot_d, d_a_d = sums[0], sums[1]
+        alpha_hat = (1 + g_dot_d / d_a_d).clamp(group["alpha_low"], 1.0)
+        alpha_hat = torch.where((d_a_d != 0) & d_a_d.isfinite(), alpha_hat, group["alpha"]).to(torch.float32)
+    return [alpha_hat.to(launch.bucket.device) for launch in launches]
 
 
 class _Launch:
@@ -165,8 +224,8 @@ class _Launch:
     ) -> None:
         self.bucket = bucket
         cache = bucket.backend_cache
-        self.table = _chunk_table(bucket)
-        self.grad_addresses = _grad_addresses(bucket, grads)
+        self.table, rows_aligned = _chunk_table(bucket)
+        self.grad_addresses, grads_aligned = _grad_addresses(bucket, grads)
         device = bucket.device
         if "triton_zero" not in cache:  # found_inf when there is none; any dummy pointer
             cache["triton_zero"] = torch.zeros((), dtype=torch.float32, device=device)
@@ -176,7 +235,6 @@ class _Launch:
         self.partials = cache["triton_partials"]
         self.found_inf = zero if found_inf is None else found_inf.to(device)
         self.k = group["k"]
-        self.reset = group["inner_state"] == "reset"
 
         flat = bucket.flat
         momentum_key = reference.MOMENTUM_KEY[kind]
@@ -214,46 +272,45 @@ class _Launch:
             eps=float(group.get("eps", 0.0)),
             k=self.k,
         )
-        self.constants = dict(
-            PARAM_DTYPE=_param_dtypes()[bucket.dtype],
-            ADAM=kind != "sgd",
-            DECOUPLED=kind == "adamw",
-            HAS_MOMENTUM=kind == "sgd" and momentum != 0,
-            NESTEROV=bool(group.get("nesterov", False)),
-            MAXIMIZE=bool(group["maximize"]),
-            AMSGRAD=bool(group.get("amsgrad", False)),
-            INNER_STATE=kernels.INNER_STATE_CODES[group["inner_state"]],
-            HAS_GRAD_SCALE=grad_scale is not None,
-            LR_ON_DEVICE=lr_on_device,
-        )
+        # 128-bit accesses need every row to start 16-byte aligned in every tensor it touches:
+        # the rows' offsets (checked with the table) and the buffers' bases, here, since a
+        # state buffer may be replaced without the table changing.
+        buffers = ("momentum_ptr", "exp_avg_sq_ptr", "max_exp_avg_sq_ptr", "cached_ptr", "slow_ptr")
+        bases = [self.pointers[key] for key in buffers]
+        aligned = rows_aligned and grads_aligned and all(t.data_ptr() % _ALIGNMENT == 0 for t in bases)
+        self.kind, self.group, self.grad_scale, self.lr_on_device, self.aligned = (
+            kind, group, grad_scale is not None, lr_on_device, aligned
+        )  # fmt: skip
         self.alpha = float(group["alpha"])
 
     def run(self, phase: int, mode: int, alpha: Tensor | None = None) -> None:
         programs = self.table.shape[0]
         if programs == 0:
             return  # only empty tensors
-        kernels.lookahead_step_kernel[(programs,)](
-            **self.pointers,
-            alpha_ptr=self.found_inf if alpha is None else alpha,
-            alpha=self.alpha,
-            **self.scalars,
-            **self.constants,
-            ALPHA_ON_DEVICE=alpha is not None,
-            PHASE=phase,
-            SYNC=mode,
-            BLOCK=_block(self.bucket),
-            num_warps=NUM_WARPS,
-        )
+        constexprs = step_constexprs(
+            self.kind, self.group, self.bucket.dtype, grad_scale=self.grad_scale, lr_on_device=self.lr_on_device,
+            phase=phase, mode=mode, aligned=self.aligned, block=_block(self.bucket),
+        )  # fmt: skip
+        with _on(self.bucket.device):
+            kernels.lookahead_step_kernel[(programs,)](
+                **self.pointers,
+                alpha_ptr=self.found_inf if alpha is None else alpha,
+                alpha=self.alpha,
+                **self.scalars,
+                **constexprs,
+                num_warps=NUM_WARPS,
+            )
 
     def advance_counters(self, mode: int) -> None:
         n = len(self.bucket.params)
         if n == 0:
             return
         flat = self.bucket.flat
-        kernels.advance_counters_kernel[(triton.cdiv(n, COUNTER_BLOCK),)](
-            flat["step"], flat["lookahead_step"], self.grad_addresses, self.found_inf, n, self.k,
-            SYNC=mode, RESET=self.reset, BLOCK=COUNTER_BLOCK,
-        )  # fmt: skip
+        with _on(self.bucket.device):
+            kernels.advance_counters_kernel[(triton.cdiv(n, COUNTER_BLOCK),)](
+                flat["step"], flat["lookahead_step"], self.grad_addresses, self.found_inf, n, self.k,
+                **counter_constexprs(self.group, mode),
+            )  # fmt: skip
 
 
 def _block(bucket: Bucket) -> int:
@@ -276,9 +333,10 @@ def _log(beta: float) -> float:
 # ---------------------------------------------------------------------------------------
 
 
-def _chunk_table(b: Bucket) -> Tensor:
+def _chunk_table(b: Bucket) -> tuple[Tensor, bool]:
     """The bucket's chunk table (triton_kernels/lookahead.py), rebuilt only when a parameter's
-    address or size changes (`.data` replaced, `model.half()`)."""
+    address or size changes (`.data` replaced, `model.half()`), and whether every row starts
+    16-byte aligned in the parameter and in the state and slow buffers (given aligned bases)."""
     cache = b.backend_cache
     key = (b.param_version, CHUNK)  # bumped by Bucket.moved when an address or size changes
     if cache.get("triton_table_key") != key:
@@ -288,39 +346,45 @@ def _chunk_table(b: Bucket) -> Tensor:
     return cache["triton_table"]
 
 
-def _build_chunk_table(b: Bucket) -> Tensor:
+def _build_chunk_table(b: Bucket) -> tuple[Tensor, bool]:
     check_bucket("triton", b)
     rows = []
+    sizes = {b.dtype.itemsize, b.state_dtype.itemsize, b.slow_dtype.itemsize}
+    aligned = all(CHUNK * s % _ALIGNMENT == 0 for s in sizes)
     for i, (p, offset) in enumerate(zip(b.params, b.offsets)):
         address, size = p.data_ptr(), p.element_size()
+        if p.numel():
+            aligned &= address % _ALIGNMENT == 0 and all(offset * s % _ALIGNMENT == 0 for s in sizes)
         for first in range(0, p.numel(), CHUNK):
             rows.append((address + first * size, first, min(CHUNK, p.numel() - first), offset + first, i))
     table = torch.tensor(rows, dtype=torch.int64).reshape(-1, kernels.TABLE_COLUMNS)
-    return table.to(b.device)
+    return table.to(b.device), aligned
 
 
-def _grad_addresses(b: Bucket, grads: list[Tensor | None]) -> Tensor:
-    """The gradient-address vector (0 where a parameter has no gradient). Gradients laid out
-    unlike their parameter (other strides or dtype) are copied into a scratch tensor with the
-    parameter's layout, every step, and the vector points at the scratch."""
+def _grad_addresses(b: Bucket, grads: list[Tensor | None]) -> tuple[Tensor, bool]:
+    """The gradient-address vector (0 where a parameter has no gradient) and whether every
+    gradient read starts 16-byte aligned. Gradients laid out unlike their parameter (other
+    strides or dtype) are copied into a scratch tensor with the parameter's layout, every
+    step, and the vector points at the scratch."""
     cache = b.backend_cache
     kept: dict[tuple, tuple[Tensor, dict[int, Tensor]]] = cache.setdefault("triton_grads", {})
     key = b.grad_key  # Bucket.grads: addresses, shapes, strides, dtypes (None: not keyable)
     if key is None:  # nothing to key it by: built afresh, not kept
-        vector, relayout = _build_grad_addresses(b, grads)
+        vector, relayout, aligned = _build_grad_addresses(b, grads)
     else:
         if key not in kept:
             if len(kept) >= _GRAD_VECTORS_KEPT:
                 kept.pop(next(iter(kept)))  # the oldest
             kept[key] = _build_grad_addresses(b, grads)
-        vector, relayout = kept[key]
+        vector, relayout, aligned = kept[key]
     for i, scratch in relayout.items():
         scratch.copy_(grads[i])
-    return vector
+    return vector, aligned
 
 
-def _build_grad_addresses(b: Bucket, grads: list[Tensor | None]) -> tuple[Tensor, dict[int, Tensor]]:
+def _build_grad_addresses(b: Bucket, grads: list[Tensor | None]) -> tuple[Tensor, dict[int, Tensor], bool]:
     addresses = []
+    aligned = True
     relayout: dict[int, Tensor] = {}
     for i, (p, g) in enumerate(zip(b.params, grads, strict=True)):
         if g is None:
@@ -332,4 +396,5 @@ def _build_grad_addresses(b: Bucket, grads: list[Tensor | None]) -> tuple[Tensor
             if scratch is not None:
                 relayout[i] = scratch
             addresses.append((g if scratch is None else scratch).data_ptr())
-    return torch.tensor(addresses, dtype=torch.int64).to(b.device), relayout
+            aligned &= addresses[-1] % _ALIGNMENT == 0
+    return torch.tensor(addresses, dtype=torch.int64).to(b.device), relayout, aligned
