@@ -9,15 +9,28 @@ compute adaptive α in a deterministic two-stage reduction on the device. So `st
 waits for the GPU and never copies host data to it, once the tables below are built:
 capturable in a CUDA graph whether or not `capturable=True` was asked for.
 
-Tables, built by `_Launcher` and kept in `bucket.backend_cache`:
+Tables, built here and kept in `bucket.backend_cache`:
 - the segment table (one row per parameter: param address, grad address, numel, offset in
   the flat state, counter slot, has-grad; the layout of csrc/cpu_kernels.h) and the chunk
   table (segment, start) of chunks that never span two parameters, both int64 tensors on
-  the bucket's device. Rebuilt when a parameter changes address or size; the gradient
-  columns are rewritten (one host-to-device copy) when a gradient changes address, strides
-  or dtype, e.g. every step after `zero_grad(set_to_none=True)`. A CUDA graph replays the
-  same gradient buffers, so a captured step never needs that copy;
-- for adaptive α, the group's buffer of per-block partial sums and its α̂ (fp64, device).
+  the bucket's device. The chunk table is built when a parameter changes address or size;
+  a segment table exists per layout of the parameters and gradients (a few recent layouts
+  are kept, by the key of Bucket.grads), so double-buffered gradients or
+  `zero_grad(set_to_none=True)` with an allocator that hands the same blocks back reuse
+  tables. A table goes to the device through a pinned staging buffer, copied with
+  `non_blocking=True` on the current stream (an event says when the staging buffer may be
+  written again; until then a new one is taken);
+- for adaptive α, per device of the group: a buffer of per-block partial sums and α̂ (fp64),
+  kept by the group's first bucket on that device.
+
+CUDA graphs: a graph holds the addresses of the tables its capture launched with. Tables are
+never written after they are built (copy-on-write: a step that needs other tables builds new
+ones), and those used while a capture is under way are kept in `backend_cache["cuda_captured"]`
+for the bucket's life. During a capture a step that would need a new table (a parameter or a
+gradient that moved since the warm-up steps) raises a RuntimeError that says what changed,
+before anything is launched: building a table is a host-to-device copy, which capture forbids.
+A bucket rebuilt by the front-end (new parameters in the group, `load_state_dict`, a dtype or
+device change) has new state buffers too: a graph captured before it is stale.
 
 The same module drives backend "cuda_emulated" (backends/cuda_emulated.py): the same kernel
 source compiled for the host, run on CPU tensors with a small grid; only the entry points,
@@ -38,7 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._buckets import Bucket
+from .._buckets import Bucket, where
 from . import foreach
 from ._compiled import check_bucket, grad_scratch, set_bucket_args
 
@@ -52,6 +65,7 @@ else:
 
 _SEGMENT_COLUMNS = 6  # csrc/cpu_kernels.h: struct Segment
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+_TABLES_KEPT = 4  # segment tables kept per bucket, by layout of parameters and gradients
 
 
 @dataclass(frozen=True)
@@ -64,7 +78,8 @@ class _Target:
     chunk_size: int  # elements per chunk (a multiple of the vector width, 4)
     block: int  # threads per block (a power of two, at most 256)
     max_grid: Callable[[torch.device], int]
-    stream: Callable[[torch.device], int]
+    stream: Callable[[torch.device], int]  # the handle of the device's current stream
+    index: Callable[[torch.device], int] = lambda device: device.index if device.index is not None else 0
 
     def entry(self, what: str) -> Callable[[Any], None]:
         return getattr(_C, self.prefix + what)
@@ -97,6 +112,7 @@ CUDA = _Target(
     block=256,
     max_grid=lambda device: 4 * _sm_count(_index(device)),
     stream=lambda device: torch.cuda.current_stream(device).cuda_stream,
+    index=_index,
 )
 
 
@@ -143,28 +159,76 @@ def run_step(
         # One counter and one adaptive α per group: the whole group takes the other path.
         foreach.step(kind, group, buckets, grads, grad_scale, found_inf)
         return
-    launches = [_launch_args(target, kind, group, b, gs, grad_scale, found_inf) for b, gs in zip(buckets, grads)]
-    launch = target.entry("step")
+    capturing = _capturing()
+    # Every table is ready (or an error raised) before the first launch.
+    launches = [
+        _launch_args(target, kind, group, b, gs, grad_scale, found_inf, capturing) for b, gs in zip(buckets, grads)
+    ]
     if group.get("adaptive_alpha", False):
-        partials, alpha_hat = _alpha_buffers(buckets[0], launches)
-        offset = 0
-        for a in launches:  # pass 1: inner step; on a sync step, per-block gᵀd and dᵀÂd
-            a.phase, a.partials, a.advance_counters = _C.LaunchPhase.inner_dots, partials[offset:].data_ptr(), False
-            launch(a)
-            offset += 2 * a.grid
-        f = _C.FinalizeArgs()
-        f.partials, f.num_partials, f.alpha_out = partials.data_ptr(), offset // 2, alpha_hat.data_ptr()
-        f.alpha, f.alpha_low = group["alpha"], group["alpha_low"]
-        f.stream, f.device = launches[0].stream, launches[0].device
-        target.entry("finalize_alpha")(f)
-        for a in launches:  # pass 2: on a sync step, the sync with α̂; then the counters
-            a.phase, a.alpha_ptr, a.advance_counters = _C.LaunchPhase.sync_only, alpha_hat.data_ptr(), True
-            launch(a)
+        _adaptive_step(target, group, buckets, launches, capturing)
     else:
+        launch = target.entry("step")
         for a in launches:
             launch(a)
     for b in buckets:
         b.host_count = None  # the counters moved on the device
+
+
+def _capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (False with a torch built without CUDA)."""
+    try:
+        return bool(torch.cuda.is_current_stream_capturing())
+    except (RuntimeError, AssertionError):
+        return False
+
+
+def _adaptive_step(target: _Target, group: dict[str, Any], buckets: list[Bucket], launches: list[Any],
+                   capturing: bool) -> None:  # fmt: skip
+    """Adaptive α over a group that may span several devices. Pass 1 (inner step and, on a
+    sync step, per-block gᵀd and dᵀÂd) writes each bucket's partial sums on its own device, in
+    its own stream. The group's first device holds a buffer of every block's partials in
+    launch order: its buckets write there directly, the other devices' partials are copied in
+    (torch orders a copy between devices after the work queued on both current streams). The
+    finalize runs there, on that buffer, as it would for a group on one device (the same
+    numbers, in the same order: the same α̂ bit for bit); α̂ is copied back to each other
+    device before its buckets' pass 2 (the sync with α̂, then the counters)."""
+    launch = target.entry("step")
+    home = buckets[0].device
+    keeper: dict[torch.device, Bucket] = {}  # the first bucket on each device keeps its buffers
+    need: dict[torch.device, int] = {}
+    for b, a in zip(buckets, launches):
+        keeper.setdefault(b.device, b)
+        need[b.device] = need.get(b.device, 0) + 2 * a.grid
+    total = sum(need.values())
+    need[home] = total
+    buffers = {d: _alpha_buffers(keeper[d], n, capturing) for d, n in need.items()}
+    gather: list[tuple[Tensor, Tensor]] = []
+    offset, local = 0, dict.fromkeys(need, 0)
+    for b, a in zip(buckets, launches):
+        n = 2 * a.grid
+        if b.device == home:
+            out = buffers[home][0][offset : offset + n]
+        else:
+            out = buffers[b.device][0][local[b.device] : local[b.device] + n]
+            local[b.device] += n
+            gather.append((buffers[home][0][offset : offset + n], out))
+        a.phase, a.partials, a.advance_counters = _C.LaunchPhase.inner_dots, out.data_ptr(), False
+        launch(a)
+        offset += n
+    for whole, part in gather:
+        whole.copy_(part)
+    partials, alpha_hat = buffers[home]
+    f = _C.FinalizeArgs()
+    f.partials, f.num_partials, f.alpha_out = partials.data_ptr(), total // 2, alpha_hat.data_ptr()
+    f.alpha, f.alpha_low = group["alpha"], group["alpha_low"]
+    f.stream, f.device = target.stream(home), target.index(home)
+    target.entry("finalize_alpha")(f)
+    for device, (_, alpha) in buffers.items():
+        if device != home:
+            alpha.copy_(alpha_hat)
+    for b, a in zip(buckets, launches):
+        a.phase, a.alpha_ptr, a.advance_counters = _C.LaunchPhase.sync_only, buffers[b.device][1].data_ptr(), True
+        launch(a)
 
 
 def _compiled(bucket: Bucket) -> bool:
@@ -176,13 +240,18 @@ def _compiled(bucket: Bucket) -> bool:
 def _device_scalar(t: Tensor | None, b: Bucket, what: str) -> int:
     """Address of GradScaler's one-element fp32 tensor on the bucket's device (0 for None).
     GradScaler keeps one per device; another device's is copied, as torch's fused optimizers
-    do, and kept alive in the bucket's cache until the next step."""
+    do, into a buffer of the bucket's on its current stream (torch orders a copy between
+    devices after the work queued on both devices' current streams)."""
     if t is None:
         return 0
     if t.numel() != 1 or t.dtype != torch.float32:
         raise RuntimeError(f"{what} must be a one-element float32 tensor, got {t.dtype} of shape {tuple(t.shape)}")
     if t.device != b.device:
-        t = b.backend_cache["cuda_" + what] = t.to(b.device)
+        buf = b.backend_cache.get("cuda_" + what)
+        if buf is None:
+            buf = b.backend_cache["cuda_" + what] = torch.empty((), dtype=torch.float32, device=b.device)
+        buf.copy_(t.reshape(()))
+        t = buf
     return t.data_ptr()
 
 
@@ -194,8 +263,9 @@ def _launch_args(
     grads: list[Tensor | None],
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    capturing: bool = False,
 ) -> Any:
-    segments, chunks, grid = _tables(target, b, grads)
+    segments, chunks, grid = _tables(target, b, grads, capturing)
     a = _C.LaunchArgs()
     a.segments, a.num_segments = segments.data_ptr(), segments.shape[0]
     a.chunks, a.num_chunks, a.chunk_size = chunks.data_ptr(), chunks.shape[0], target.chunk_size
@@ -214,7 +284,7 @@ def _launch_args(
     a.found_inf_ptr = _device_scalar(found_inf, b, "found_inf")
     a.alpha, a.k = group["alpha"], group["k"]
     a.stream = target.stream(b.device)
-    a.device = b.device.index if b.device.index is not None else 0
+    a.device = target.index(b.device)
     return a
 
 
@@ -229,16 +299,25 @@ def _lr_on_device(b: Bucket, lr: Tensor) -> Tensor:
     return buf
 
 
-def _alpha_buffers(first: Bucket, launches: list[Any]) -> tuple[Tensor, Tensor]:
-    """The group's partial-sum buffer (two fp64 per block of every bucket) and α̂, allocated
-    once and kept by the group's first bucket."""
-    need = 2 * sum(a.grid for a in launches)
-    cache = first.backend_cache
+def _alpha_buffers(keeper: Bucket, need: int, capturing: bool) -> tuple[Tensor, Tensor]:
+    """The partial-sum buffer (at least `need` fp64) and α̂ of one device of a group, kept by
+    the group's first bucket on that device; grown when too small (buffers a capture used
+    stay referenced)."""
+    cache = keeper.backend_cache
     partials = cache.get("cuda_alpha_partials")
     if partials is None or partials.numel() < need:
-        partials = cache["cuda_alpha_partials"] = torch.zeros(need, dtype=torch.float64, device=first.device)
-        cache["cuda_alpha_hat"] = torch.zeros((), dtype=torch.float64, device=first.device)
-    return partials, cache["cuda_alpha_hat"]
+        partials = cache["cuda_alpha_partials"] = torch.zeros(need, dtype=torch.float64, device=keeper.device)
+        cache["cuda_alpha_hat"] = torch.zeros((), dtype=torch.float64, device=keeper.device)
+    pair = (partials, cache["cuda_alpha_hat"])
+    if capturing:
+        _keep_captured(cache, pair)
+    return pair
+
+
+def _keep_captured(cache: dict[str, Any], tensors: tuple[Tensor, ...]) -> None:
+    captured: list[tuple[Tensor, ...]] = cache.setdefault("cuda_captured", [])
+    if not any(entry[0] is tensors[0] for entry in captured):
+        captured.append(tensors)
 
 
 # ---------------------------------------------------------------------------------------
@@ -246,28 +325,139 @@ def _alpha_buffers(first: Bucket, launches: list[Any]) -> tuple[Tensor, Tensor]:
 # ---------------------------------------------------------------------------------------
 
 
-def _tables(target: _Target, b: Bucket, grads: list[Tensor | None]) -> tuple[Tensor, Tensor, int]:
-    """The bucket's (segment table, chunk table, grid) on its device, refreshed where
-    something moved: the front-end's checks bump the bucket's versions (Bucket.moved, grads)."""
+@dataclass
+class _Tables:
+    """One layout's tables on the device; never written after they are built."""
+
+    segments: Tensor
+    chunks: Tensor
+    grid: int
+    relayout: dict[int, Tensor]  # parameter index -> scratch its gradient is copied into
+    grads: list[tuple | None]  # what each gradient was (address, shape, strides), for messages
+
+
+@dataclass
+class _Staging:
+    """Pinned host memory for the tables' host-to-device copies, reused once the event
+    recorded after its last copy has completed (else a new buffer is taken: torch's pinned
+    allocator keeps the old one until its copy is done)."""
+
+    buffer: Tensor | None = None
+    event: Any = None  # torch.cuda.Event
+
+    def upload(self, host: Tensor, device: torch.device) -> Tensor:
+        out = torch.empty(host.shape, dtype=host.dtype, device=device)
+        if device.type != "cuda":
+            out.copy_(host)
+            return out
+        n = host.numel()
+        busy = self.event is not None and not self.event.query()
+        if self.buffer is None or self.buffer.numel() < n or busy:
+            self.buffer = torch.empty(max(n, 1), dtype=host.dtype, pin_memory=True)
+        staged = self.buffer[:n].view(host.shape)
+        staged.copy_(host)
+        out.copy_(staged, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record(torch.cuda.current_stream(device))
+        return out
+
+
+def _tables(
+    target: _Target, b: Bucket, grads: list[Tensor | None], capturing: bool = False
+) -> tuple[Tensor, Tensor, int]:
+    """The bucket's (segment table, chunk table, grid) on its device for this step's
+    parameters and gradients: the front-end's checks bump the bucket's versions and keys
+    (Bucket.moved, Bucket.grads)."""
     cache = b.backend_cache
-    param_key, grad_key = (target.name, b.param_version), b.grad_version  # see Bucket.moved / grads
+    param_key = (target.name, b.param_version)
     if cache.get("cuda_param_key") != param_key:
+        if capturing:
+            raise RuntimeError(_param_change(cache, b))
         rows, chunks = _build_rows(target, b)
-        cache["cuda_rows"] = rows  # host copy; its gradient columns are rewritten below
-        cache["cuda_segments"] = torch.empty_like(rows, device=b.device)
-        cache["cuda_chunks"] = chunks.to(b.device)
+        staging = cache.setdefault("cuda_staging", _Staging())
+        cache["cuda_rows"] = rows  # host rows, gradient columns empty: the template of every table
+        cache["cuda_chunks"] = staging.upload(chunks, b.device)
         cache["cuda_grid"] = max(1, min(chunks.shape[0], target.max_grid(b.device)))
-        cache["cuda_param_key"], cache["cuda_grad_key"] = param_key, None
+        cache["cuda_layout"] = [(p.data_ptr(), tuple(p.shape), p.stride()) for p in b.params]
+        cache["cuda_param_key"], cache["cuda_tables"] = param_key, {}
         cache["cuda_builds"] = cache.get("cuda_builds", 0) + 1  # tests check that tables are reused
-    if cache["cuda_grad_key"] != grad_key:
-        cache["cuda_relayout"] = _set_grads(target, b, cache["cuda_rows"], grads)
-        cache["cuda_segments"].copy_(cache["cuda_rows"])
-        cache["cuda_grad_key"] = grad_key
+    key = (param_key, b.grad_key if b.grad_key is not None else ("version", b.grad_version))
+    kept: dict[tuple, _Tables] = cache["cuda_tables"]
+    tables = kept.get(key)
+    if tables is None:
+        tables = next((t for k, t in cache.get("cuda_captured_tables", ()) if k == key), None)
+    if tables is None:
+        if capturing:
+            raise RuntimeError(_grad_change(cache, b, grads))
+        tables = _build_tables(target, b, grads, cache)
+        if len(kept) >= _TABLES_KEPT:
+            kept.pop(next(iter(kept)))  # the oldest; a graph that used it keeps it (cuda_captured)
+        kept[key] = tables
+    if capturing:
+        _keep_captured(cache, (tables.segments, tables.chunks, *tables.relayout.values()))
+        captured_tables = cache.setdefault("cuda_captured_tables", [])
+        if not any(t is tables for _, t in captured_tables):
+            captured_tables.append((key, tables))
+    # This step's tables under fixed keys (tests, and the emulation's address checks, read them).
+    cache["cuda_segments"], cache["cuda_relayout"], cache["cuda_last_tables"] = tables.segments, tables.relayout, tables
     # Gradients whose strides differ from their parameter's are copied, every step, into a
     # scratch tensor with the parameter's layout (the table points at the scratch).
-    for i, scratch in cache["cuda_relayout"].items():
+    for i, scratch in tables.relayout.items():
         scratch.copy_(grads[i])
-    return cache["cuda_segments"], cache["cuda_chunks"], cache["cuda_grid"]
+    return tables.segments, tables.chunks, tables.grid
+
+
+def _build_tables(target: _Target, b: Bucket, grads: list[Tensor | None], cache: dict[str, Any]) -> _Tables:
+    rows = cache["cuda_rows"].clone()
+    relayout = _set_grads(target, b, rows, grads)
+    segments = cache["cuda_staging"].upload(rows, b.device)
+    cache["cuda_grad_builds"] = cache.get("cuda_grad_builds", 0) + 1
+    described = [None if g is None else (g.data_ptr(), tuple(g.shape), g.stride()) for g in grads]
+    return _Tables(segments, cache["cuda_chunks"], cache["cuda_grid"], relayout, described)
+
+
+_DURING_CAPTURE = (
+    "a CUDA graph is being captured and the cuda backend would need new address tables "
+    "(a host-to-device copy, which capture forbids, and the graph would read tables that later "
+    "steps replace): {what}. Keep the parameters and the gradient tensors of the warm-up steps "
+    "(zero_grad(set_to_none=False), no new .data), or run eager warm-up steps again before capturing."
+)
+_NO_WARM_UP = "no step ran before the capture (run warm-up steps first: they build the tables)"
+
+
+def _param_change(cache: dict[str, Any], b: Bucket) -> str:
+    old = cache.get("cuda_layout")
+    if old is None:
+        return _DURING_CAPTURE.format(what=_NO_WARM_UP)
+    for i, (p, was) in enumerate(zip(b.params, old)):
+        now = (p.data_ptr(), tuple(p.shape), p.stride())
+        if now != was:
+            if now[0] != was[0]:
+                change = f"moved (address {was[0]:#x}, now {now[0]:#x})"
+            else:
+                change = f"changed shape or strides ({was[1]}, {was[2]}; now {now[1]}, {now[2]})"
+            return _DURING_CAPTURE.format(what=f"{where(i, p)} {change} since the graph's warm-up steps")
+    return _DURING_CAPTURE.format(what="the parameters changed since the graph's warm-up steps")
+
+
+def _grad_change(cache: dict[str, Any], b: Bucket, grads: list[Tensor | None]) -> str:
+    last: _Tables | None = cache.get("cuda_last_tables")
+    if last is None:
+        return _DURING_CAPTURE.format(what=_NO_WARM_UP)
+    for i, (p, g, was) in enumerate(zip(b.params, grads, last.grads)):
+        now = None if g is None else (g.data_ptr(), tuple(g.shape), g.stride())
+        if now == was:
+            continue
+        if was is None:
+            change = "appeared (it had none)"
+        elif now is None:
+            change = "went away (.grad is None)"
+        elif now[0] != was[0]:
+            change = f"moved (address {was[0]:#x}, now {now[0]:#x})"
+        else:
+            change = f"changed strides ({was[2]}, now {now[2]})"
+        return _DURING_CAPTURE.format(what=f"the gradient of {where(i, p)} {change} since the graph's warm-up steps")
+    return _DURING_CAPTURE.format(what="the gradients changed since the graph's warm-up steps")
 
 
 def _build_rows(target: _Target, b: Bucket) -> tuple[Tensor, Tensor]:
