@@ -12,6 +12,7 @@ also the header of the benchmark (`python -m bench`), so both describe a machine
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import platform
 import sys
@@ -177,8 +178,40 @@ def quick_variants() -> list[testing.Variant]:
     return sample
 
 
-def run_check(device: torch.device, only: Sequence[str] = (), quick: bool = False) -> int:
-    """Prints the table; returns the process exit status (0 when every case passed)."""
+def _write_json(path: str, device: torch.device, variants: int, quick: bool, rows: list[Row],
+                status: dict[str, str | None], done: bool) -> None:  # fmt: skip
+    """The table as JSON, rewritten after every row: a run stopped by a time limit leaves
+    the rows it finished (`complete` false)."""
+    report = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "variants": variants,
+        "grad_scaler": list(GRAD_SCALER),
+        "quick": quick,
+        "complete": done,
+        "rows": [
+            {
+                "backend": r.backend,
+                "dtype": _DTYPE_NAMES[r.dtype],
+                "passed": r.passed,
+                "total": r.total,
+                "max_abs": r.max_abs,
+                "worst": r.worst,
+                "failures": r.failures,
+            }
+            for r in rows
+        ],
+        "unavailable": {name: why for name, why in status.items() if why is not None},
+    }
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(tmp, path)
+
+
+def run_check(device: torch.device, only: Sequence[str] = (), quick: bool = False, json_path: str | None = None) -> int:
+    """Prints the table (and writes it to `json_path` as JSON, if given); returns the process
+    exit status (0 when every case passed)."""
     variants = quick_variants() if quick else testing.variants()
     status = backend_status(device)
     names = [n for n in (only or backends.NAMES) if status[n] is None]
@@ -192,6 +225,8 @@ def run_check(device: torch.device, only: Sequence[str] = (), quick: bool = Fals
         for dtype in DTYPES:
             row = check_backend(name, dtype, device, variants)
             rows.append(row)
+            if json_path:
+                _write_json(json_path, device, len(variants), quick, rows, status, done=False)
             print(
                 f"{name:<14} {_DTYPE_NAMES[dtype]:<5} {f'{row.passed}/{row.total}':>9} {row.max_abs:>12.3g}  "
                 f"{row.worst}",
@@ -200,6 +235,8 @@ def run_check(device: torch.device, only: Sequence[str] = (), quick: bool = Fals
     for name, why in status.items():
         if why is not None and (not only or name in only):
             print(f"{name:<14} unavailable: {why}")
+    if json_path:
+        _write_json(json_path, device, len(variants), quick, rows, status, done=True)
     failed = [row for row in rows if row.failures]
     for row in failed:
         print(f"\nFAILED {row.backend} {_DTYPE_NAMES[row.dtype]} ({len(row.failures)} cases):")

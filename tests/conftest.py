@@ -41,3 +41,8 @@ def pytest_report_header(config: pytest.Config) -> str:
         why = backends.unavailable(name, CPU)
         lines.append(f"backend {name}: {'usable' if why is None else 'unavailable: ' + why}")
     return "\n".join(lines)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # `pytest -m gpu` runs the tests that need a CUDA GPU (bench/gpu_report.sh does, on a GPU machine).
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped with the reason 'needs a CUDA GPU' without one")

@@ -236,7 +236,8 @@ def test_cuda_graph_example_without_gpu_exits_0(monkeypatch: pytest.MonkeyPatch,
     assert "needs a CUDA GPU" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_example_captures_and_replays_on_gpu() -> None:
     losses = _example().main(["--steps", "100"])
     assert len(losses) == 100 and losses[-1] < 0.5 * losses[0]
