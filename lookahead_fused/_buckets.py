@@ -10,6 +10,11 @@ A view has the parameter's shape and strides (channels-last included) whenever t
 parameter is dense, so state element i sits beside parameter element i in memory order
 and a kernel can walk both linearly.
 
+Each parameter's state starts at a multiple of 16 bytes in every flat buffer (`pack`): an
+odd-sized tensor (a bias of 1,000 elements) would otherwise leave every later parameter's
+state misaligned for the kernels' 128-bit accesses. The padding (at most 15 bytes a
+parameter per buffer) is zero and belongs to no parameter.
+
 Sharded parameters (DTensors, as FSDP2's `fully_shard` makes them): everything Lookahead
 does is elementwise, so a bucket works on each parameter's local shard and its gradient's
 local shard, with no communication. `optimizer.state[p]` then holds DTensors that wrap the
@@ -107,6 +112,21 @@ def view_like(flat: Tensor, offset: int, like: Tensor) -> Tensor:
     return flat[offset : offset + like.numel()].view(like.shape)
 
 
+# The state of every parameter starts at a multiple of this many bytes in every flat buffer.
+STATE_ALIGNMENT = 16
+
+
+def pack(params: list[Tensor], *dtypes: torch.dtype) -> tuple[list[int], int]:
+    """(offsets, total): where each parameter's state starts in flat buffers of these dtypes,
+    in elements, each a multiple of STATE_ALIGNMENT bytes in all of them, and their length."""
+    step = max(1, STATE_ALIGNMENT // min(d.itemsize for d in dtypes))
+    offsets, total = [], 0
+    for p in params:
+        offsets.append(total)
+        total += -(-p.numel() // step) * step
+    return offsets, total
+
+
 def state_keys(kind: str, group: dict[str, Any]) -> list[str]:
     """The parameter-shaped state entries a group needs, besides the slow weights."""
     if kind == "sgd":
@@ -170,9 +190,13 @@ class Bucket:
     def check_fit(self) -> None:
         """Refuse a parameter that no longer fits its state (`.data` of another size, a shrunk
         storage) before any backend reads or writes through it."""
-        for i, (p, start, end) in enumerate(zip(self.params, self.offsets, [*self.offsets[1:], self.numel])):
-            if p.numel() != end - start:
-                raise RuntimeError(f"{where(i, p)} has {p.numel()} elements, its optimizer state {end - start}")
+        ends = [*self.offsets[1:], self.numel]
+        for i, (p, start, end) in enumerate(zip(self.params, self.offsets, ends)):
+            # The size its state was built for (its view; a bucket without views, as the
+            # torch.compile op makes them, was laid out for these very parameters).
+            size = self.views[i]["slow_weights"].numel() if self.views else p.numel()
+            if p.numel() != size or start + size > end:
+                raise RuntimeError(f"{where(i, p)} has {p.numel()} elements, its optimizer state {size}")
             if not holds(p):
                 raise RuntimeError(f"the storage of {where(i, p)} is smaller than the parameter (was it resized?)")
 
@@ -250,12 +274,9 @@ def build_buckets(kind: str, group: dict[str, Any], state: dict[Tensor, dict[str
     for (device, dtype), owners in by_key.items():
         params = list(map(local, owners))
         sdt, pdt = default_dtypes(dtype, group)
-        offsets, total = [], 0
-        for p in params:
-            offsets.append(total)
-            total += p.numel()
+        offsets, total = pack(params, sdt, pdt)
         flat = {key: torch.zeros(total, dtype=sdt, device=device) for key in keys}
-        flat["slow_weights"] = torch.empty(total, dtype=pdt, device=device)
+        flat["slow_weights"] = torch.zeros(total, dtype=pdt, device=device)  # zeros: the padding
         flat["step"] = torch.zeros(len(params), dtype=torch.float32, device=device)
         flat["lookahead_step"] = torch.full((len(params),), count, dtype=torch.float32, device=device)
 

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._buckets import COUNTER_KEYS, Bucket, default_dtypes
+from ._buckets import COUNTER_KEYS, Bucket, default_dtypes, pack
 
 # Buckets that a plan names, by `id`. Weak: a dropped optimizer leaves no bucket behind, and
 # an id reused by a new bucket is harmless (the op compares addresses before using one).
@@ -167,13 +167,10 @@ def _bucket(entry: dict[str, Any], params: list[Tensor], flat: dict[str, Tensor]
         and all(map(Tensor.is_set_to, own.params, params))
     ):
         return own
-    offsets, total = [], 0
-    for p in params:
-        offsets.append(total)
-        total += p.numel()
     device, dtype = flat["slow_weights"].device, (params[0].dtype if params else flat["slow_weights"].dtype)
     shaped = [t for key, t in flat.items() if key not in (*COUNTER_KEYS, "slow_weights")]
     state_dtype = shaped[0].dtype if shaped else default_dtypes(dtype, group)[0]
+    offsets, total = pack(params, state_dtype, flat["slow_weights"].dtype)  # as build_buckets laid them out
     b = Bucket(params, offsets, total, device, dtype, state_dtype, flat["slow_weights"].dtype, flat, views=[])
     b.moved()  # records the layout: the backends key their tables by it
     return b

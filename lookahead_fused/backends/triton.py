@@ -349,12 +349,12 @@ def _chunk_table(b: Bucket) -> tuple[Tensor, bool]:
 def _build_chunk_table(b: Bucket) -> tuple[Tensor, bool]:
     check_bucket("triton", b)
     rows = []
-    sizes = {b.dtype.itemsize, b.state_dtype.itemsize, b.slow_dtype.itemsize}
-    aligned = all(CHUNK * s % _ALIGNMENT == 0 for s in sizes)
+    state_sizes = {b.state_dtype.itemsize, b.slow_dtype.itemsize}  # offsets index the flat state
+    aligned = all(CHUNK * s % _ALIGNMENT == 0 for s in {b.dtype.itemsize, *state_sizes})
     for i, (p, offset) in enumerate(zip(b.params, b.offsets)):
         address, size = p.data_ptr(), p.element_size()
         if p.numel():
-            aligned &= address % _ALIGNMENT == 0 and all(offset * s % _ALIGNMENT == 0 for s in sizes)
+            aligned &= address % _ALIGNMENT == 0 and all(offset * s % _ALIGNMENT == 0 for s in state_sizes)
         for first in range(0, p.numel(), CHUNK):
             rows.append((address + first * size, first, min(CHUNK, p.numel() - first), offset + first, i))
     table = torch.tensor(rows, dtype=torch.int64).reshape(-1, kernels.TABLE_COLUMNS)
