@@ -172,3 +172,107 @@ def test_eager_steps_with_moving_gradients_after_a_capture_match_eager(monkeypat
         return [p.detach().clone() for p in params]
 
     assert _same(run(True), run(False))
+
+
+# ---------------------------------------------------------------------------------------
+# The Triton backend (under the interpreter), and what the other backends do under capture.
+# ---------------------------------------------------------------------------------------
+
+_triton_missing = backends.unavailable("triton", CPU)
+
+
+def _triton_setup(capturable: bool = True) -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    params = [torch.randn(40).requires_grad_(), torch.randn(5, 7).requires_grad_()]
+    opt = LookaheadAdam(params, lr=0.01, k=2, capturable=capturable, backend="triton")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    for _ in range(3):
+        opt.step()
+    return opt, params
+
+
+@pytest.mark.skipif(_triton_missing is not None, reason=f"triton cannot run here: {_triton_missing}")
+@pytest.mark.parametrize("change", ["grad moved", "grad gone", "param moved"])
+def test_triton_table_change_during_capture_is_a_clear_error(monkeypatch, change: str) -> None:
+    opt, params = _triton_setup()
+    if change == "grad moved":
+        params[1].grad = torch.randn_like(params[1])
+        match = r"triton backend .*gradient of parameter 1 of shape \(5, 7\) moved"
+    elif change == "grad gone":
+        params[1].grad = None
+        match = r"gradient of parameter 1 of shape \(5, 7\) went away"
+    else:
+        params[0].data = params[0].data.clone()
+        match = r"parameter 0 of shape \(40,\) moved .*since the graph's warm-up"
+    before = _snapshot(params, opt)
+    _capturing(monkeypatch)
+    with pytest.raises(RuntimeError, match=match):
+        opt.step()
+    assert _same(before, _snapshot(params, opt)), "nothing may be launched before the error"
+
+
+@pytest.mark.skipif(_triton_missing is not None, reason=f"triton cannot run here: {_triton_missing}")
+def test_triton_captured_tables_outlive_eviction(monkeypatch) -> None:
+    """The gradient-address vector a graph was captured with stays referenced after more
+    gradient layouts than the backend keeps have come and gone (else the graph would read
+    freed memory), and the captured chunk table after a parameter was replaced."""
+    opt, params = _triton_setup()
+    _capturing(monkeypatch)
+    opt.step()
+    _capturing(monkeypatch, False)
+    cache = _cache(opt)
+    (vector, *_) = cache["triton_grads"][cache["triton_grads_last"]]
+    table = cache["triton_table"][0]
+    for _ in range(6):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    params[0].data = params[0].data.clone()
+    opt.step()
+    assert all(entry[0] is not vector for entry in cache["triton_grads"].values()), "not evicted: no test"
+    assert cache["triton_table"][0] is not table
+    captured = list(cache["triton_captured"].values())
+    assert any(t is vector for t in captured) and any(t is table for t in captured)
+
+
+@pytest.mark.skipif(_triton_missing is not None, reason=f"triton cannot run here: {_triton_missing}")
+def test_triton_capture_takes_the_device_path_even_without_capturable(monkeypatch) -> None:
+    """capturable=False would decide the sync on the host and bake it into the graph."""
+    from lookahead_fused import triton_kernels
+    from lookahead_fused.backends import triton as triton_backend
+
+    opt, params = _triton_setup(capturable=False)
+    modes = []
+    real = triton_backend.step_constexprs
+    monkeypatch.setattr(triton_backend, "step_constexprs", lambda *a, **k: modes.append(k["mode"]) or real(*a, **k))
+    opt.step()
+    _capturing(monkeypatch)
+    opt.step()
+    assert modes[0] != triton_kernels.SYNC_DEVICE and modes[-1] == triton_kernels.SYNC_DEVICE
+
+
+def test_foreach_capture_takes_the_device_path_even_without_capturable(monkeypatch) -> None:
+    from lookahead_fused.backends import foreach
+
+    p = torch.randn(10).requires_grad_()
+    opt = LookaheadSGD([p], lr=0.1, momentum=0.9, k=2, backend="foreach")
+    p.grad = torch.randn(10)
+    opt.step()
+    seen = []
+    real = foreach._Context.make
+    monkeypatch.setattr(
+        foreach._Context, "make", lambda b, g, on_device, *a: seen.append(on_device) or real(b, g, on_device, *a)
+    )
+    _capturing(monkeypatch)
+    opt.step()
+    assert seen == [True]
+
+
+def test_eager_backend_refuses_capture_clearly(monkeypatch) -> None:
+    p = torch.randn(10).requires_grad_()
+    opt = LookaheadSGD([p], lr=0.1, backend="eager")
+    p.grad = torch.randn(10)
+    _capturing(monkeypatch)
+    with pytest.raises(RuntimeError, match="eager backend .* cannot be captured"):
+        opt.step()

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .. import reference
 from .._buckets import Bucket
+from ._capture import capturing
 
 
 def unavailable(device: torch.device) -> str | None:
@@ -27,6 +28,11 @@ def step(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
 ) -> None:
+    if capturing():
+        raise RuntimeError(
+            "step() is being captured in a CUDA graph, but the eager backend reads its counters on the "
+            "host every step and cannot be captured: use backend 'cuda', 'triton' or 'foreach'"
+        )
     params = [p for b in buckets for p in b.params]
     states = [v for b in buckets for v in b.views]
     flat_grads = [g for gs in grads for g in gs]

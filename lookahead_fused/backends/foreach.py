@@ -45,6 +45,7 @@ from torch import Tensor
 
 from .. import reference
 from .._buckets import Bucket, view_like
+from ._capture import capturing
 
 # A hyperparameter or coefficient: a Python number on the host path, a 0-dim tensor on the
 # device path. The foreach ops take either (Scalar / Tensor overloads), so the math is written once.
@@ -69,7 +70,9 @@ def step(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
 ) -> None:
-    on_device = found_inf is not None or bool(group.get("capturable", False))
+    # Under CUDA-graph capture the device path, whatever `capturable` says: the host path's
+    # sync decision would be baked into the graph and replayed forever.
+    on_device = found_inf is not None or bool(group.get("capturable", False)) or capturing()
     contexts = [_Context.make(b, group, on_device, grad_scale, found_inf) for b in buckets]
     used = [_inner_step(kind, c, group, g) for c, g in zip(contexts, grads, strict=True)]
     syncs = [c.advance_lookahead(group["k"]) for c in contexts]

@@ -46,6 +46,7 @@ from torch import Tensor
 from .. import reference
 from .._buckets import Bucket
 from . import foreach
+from ._capture import capture_error, capturing, describe
 from ._compiled import check_bucket, grad_scratch
 
 try:
@@ -108,7 +109,10 @@ def step(
         foreach.step(kind, group, buckets, grads, grad_scale, found_inf)
         return
 
-    on_device = found_inf is not None or bool(group.get("capturable", False))
+    # Under CUDA-graph capture the device path, whatever `capturable` says: a host-decided
+    # step would bake this step's sync decision into the graph and replay it forever.
+    capture = capturing()
+    on_device = found_inf is not None or bool(group.get("capturable", False)) or capture
     k = group["k"]
     if on_device:
         mode = kernels.SYNC_DEVICE
@@ -120,7 +124,8 @@ def step(
         mode = kernels.SYNC_NOW if syncs else kernels.SYNC_NEVER
 
     launches = [
-        _Launch(kind, group, b, gs, grad_scale, found_inf, on_device) for b, gs in zip(buckets, grads, strict=True)
+        _Launch(kind, group, b, gs, grad_scale, found_inf, on_device, capture)
+        for b, gs in zip(buckets, grads, strict=True)
     ]
     alpha_hats: list[Tensor | None] = [None] * len(launches)
     for phase in phases(kind, group, mode):
@@ -221,11 +226,12 @@ class _Launch:
         grad_scale: Tensor | None,
         found_inf: Tensor | None,
         on_device: bool,
+        capture: bool = False,
     ) -> None:
         self.bucket = bucket
         cache = bucket.backend_cache
-        self.table, rows_aligned = _chunk_table(bucket)
-        self.grad_addresses, grads_aligned = _grad_addresses(bucket, grads)
+        self.table, rows_aligned = _chunk_table(bucket, capture)
+        self.grad_addresses, grads_aligned = _grad_addresses(bucket, grads, capture)
         device = bucket.device
         if "triton_zero" not in cache:  # found_inf when there is none; any dummy pointer
             cache["triton_zero"] = torch.zeros((), dtype=torch.float32, device=device)
@@ -233,6 +239,8 @@ class _Launch:
         if "triton_partials" not in cache or cache["triton_partials"].shape[0] != self.table.shape[0]:
             cache["triton_partials"] = torch.zeros(self.table.shape[0], 2, dtype=torch.float64, device=device)
         self.partials = cache["triton_partials"]
+        if capture:  # a graph reads these for its whole life: later steps must not free them
+            _keep_captured(cache, self.table, self.partials, zero)
         self.found_inf = zero if found_inf is None else found_inf.to(device)
         self.k = group["k"]
 
@@ -333,14 +341,26 @@ def _log(beta: float) -> float:
 # ---------------------------------------------------------------------------------------
 
 
-def _chunk_table(b: Bucket) -> tuple[Tensor, bool]:
+def _keep_captured(cache: dict[str, Any], *tensors: Tensor) -> None:
+    """Keep tensors a CUDA graph was captured with referenced for the bucket's life (a table
+    replaced or evicted afterwards must not be freed while a graph still reads it)."""
+    captured: dict[int, Tensor] = cache.setdefault("triton_captured", {})
+    for t in tensors:
+        captured.setdefault(id(t), t)
+
+
+def _chunk_table(b: Bucket, capture: bool = False) -> tuple[Tensor, bool]:
     """The bucket's chunk table (triton_kernels/lookahead.py), rebuilt only when a parameter's
     address or size changes (`.data` replaced, `model.half()`), and whether every row starts
-    16-byte aligned in the parameter and in the state and slow buffers (given aligned bases)."""
+    16-byte aligned in the parameter and in the state and slow buffers (given aligned bases).
+    Under capture a rebuild is an error that says what moved (backends/_compiled.capture_error)."""
     cache = b.backend_cache
     key = (b.param_version, CHUNK)  # bumped by Bucket.moved when an address or size changes
     if cache.get("triton_table_key") != key:
+        if capture:
+            raise capture_error("triton", b, cache.get("triton_layout"), list(b.params), "parameter")
         cache["triton_table"] = _build_chunk_table(b)
+        cache["triton_layout"] = describe(list(b.params))
         cache["triton_table_key"] = key
         cache["builds"] = cache.get("builds", 0) + 1  # tests check that tables are reused
     return cache["triton_table"]
@@ -361,28 +381,36 @@ def _build_chunk_table(b: Bucket) -> tuple[Tensor, bool]:
     return table.to(b.device), aligned
 
 
-def _grad_addresses(b: Bucket, grads: list[Tensor | None]) -> tuple[Tensor, bool]:
+def _grad_addresses(b: Bucket, grads: list[Tensor | None], capture: bool = False) -> tuple[Tensor, bool]:
     """The gradient-address vector (0 where a parameter has no gradient) and whether every
     gradient read starts 16-byte aligned. Gradients laid out unlike their parameter (other
     strides or dtype) are copied into a scratch tensor with the parameter's layout, every
-    step, and the vector points at the scratch."""
+    step, and the vector points at the scratch. Under capture a vector that is not kept
+    already is an error that says which gradient moved; one that is stays referenced for the
+    bucket's life, so that evicting it from the few kept here cannot free what a graph reads."""
     cache = b.backend_cache
-    kept: dict[tuple, tuple[Tensor, dict[int, Tensor]]] = cache.setdefault("triton_grads", {})
+    kept: dict[tuple, tuple[Tensor, dict[int, Tensor], bool, list]] = cache.setdefault("triton_grads", {})
     key = b.grad_key  # Bucket.grads: addresses, shapes, strides, dtypes (None: not keyable)
+    if capture and (key is None or key not in kept):
+        last = kept.get(cache.get("triton_grads_last"))  # type: ignore[arg-type]
+        raise capture_error("triton", b, None if last is None else last[3], grads, "gradient")
     if key is None:  # nothing to key it by: built afresh, not kept
-        vector, relayout, aligned = _build_grad_addresses(b, grads)
+        vector, relayout, aligned, _ = _build_grad_addresses(b, grads)
     else:
         if key not in kept:
             if len(kept) >= _GRAD_VECTORS_KEPT:
                 kept.pop(next(iter(kept)))  # the oldest
             kept[key] = _build_grad_addresses(b, grads)
-        vector, relayout, aligned = kept[key]
+        vector, relayout, aligned, _ = kept[key]
+        cache["triton_grads_last"] = key
+    if capture:
+        _keep_captured(cache, vector, *relayout.values())
     for i, scratch in relayout.items():
         scratch.copy_(grads[i])
     return vector, aligned
 
 
-def _build_grad_addresses(b: Bucket, grads: list[Tensor | None]) -> tuple[Tensor, dict[int, Tensor], bool]:
+def _build_grad_addresses(b: Bucket, grads: list[Tensor | None]) -> tuple[Tensor, dict[int, Tensor], bool, list]:
     addresses = []
     aligned = True
     relayout: dict[int, Tensor] = {}
@@ -397,4 +425,4 @@ def _build_grad_addresses(b: Bucket, grads: list[Tensor | None]) -> tuple[Tensor
                 relayout[i] = scratch
             addresses.append((g if scratch is None else scratch).data_ptr())
             aligned &= addresses[-1] % _ALIGNMENT == 0
-    return torch.tensor(addresses, dtype=torch.int64).to(b.device), relayout, aligned
+    return torch.tensor(addresses, dtype=torch.int64).to(b.device), relayout, aligned, describe(grads)
