@@ -249,3 +249,140 @@ def test_example_source_uses_the_capture_api() -> None:
     for call in ("torch.cuda.graph(", "torch.cuda.CUDAGraph()", "graph.replay", "wait_stream", "capturable=True"):
         assert call in source, call
     assert all(callable(operator.attrgetter(name)(torch)) for name in ("cuda.graph", "cuda.CUDAGraph", "cuda.Stream"))
+
+
+# ---------------------------------------------------------------------------------------
+# A step that builds tables may queue uploads, never wait for them (no_host_sync(async_uploads=True)).
+# ---------------------------------------------------------------------------------------
+
+_PAGEABLE = torch.arange(4.0)
+_PINNED = torch.arange(4.0)  # stands in for pinned memory (which needs an accelerator)
+
+
+def _is_pinned(t: Tensor) -> bool:
+    return t.untyped_storage().data_ptr() == _PINNED.untyped_storage().data_ptr()
+
+
+ASYNC_ALLOWED: dict[str, Callable[[], object]] = {
+    "pinned copy_ non_blocking": lambda: torch.empty(4, device="meta").copy_(_PINNED, non_blocking=True),
+    "pinned copy_ positional": lambda: torch.empty(4, device="meta").copy_(_PINNED, True),
+    "pinned to non_blocking": lambda: _PINNED.to("meta", non_blocking=True),
+    "pinned to(device, dtype, True)": lambda: _PINNED.to("meta", torch.float32, True),
+    "host tensor from Python data": lambda: torch.tensor([1.0]),
+    "host copy_": lambda: torch.empty(4).copy_(_PAGEABLE),
+}
+ASYNC_FORBIDDEN: dict[str, Callable[[], object]] = {
+    "pageable copy_ non_blocking": lambda: torch.empty(4, device="meta").copy_(_PAGEABLE, non_blocking=True),
+    "pinned copy_ blocking": lambda: torch.empty(4, device="meta").copy_(_PINNED),
+    "pageable to": lambda: _PAGEABLE.to("meta"),
+    "pinned to blocking": lambda: _PINNED.to(device="meta"),
+    "device tensor from Python data": lambda: torch.tensor([1.0], device="meta"),
+    "device to host": lambda: torch.empty(4).copy_(_META, non_blocking=True),
+    "cpu()": lambda: _META.cpu(),
+    "item": lambda: _X.sum().item(),
+}
+
+
+@pytest.mark.parametrize("what", list(ASYNC_ALLOWED))
+def test_async_uploads_allows_queued_copies_from_pinned_memory(what: str) -> None:
+    with no_host_sync(async_uploads=True, pinned=_is_pinned):
+        ASYNC_ALLOWED[what]()
+
+
+@pytest.mark.parametrize("what", list(ASYNC_FORBIDDEN))
+def test_async_uploads_catches_copies_the_host_waits_for(what: str) -> None:
+    with no_host_sync(async_uploads=True, pinned=_is_pinned), pytest.raises(HostSyncError, match="not allowed"):
+        ASYNC_FORBIDDEN[what]()
+
+
+class _FakeEvent:
+    done = True  # what query() answers: the copy recorded before it has completed
+
+    def record(self, stream: object) -> None:
+        pass
+
+    def query(self) -> bool:
+        return _FakeEvent.done
+
+
+class _FakeAccelerator:
+    """The callees of the cuda backend's `_Staging.upload` that need a GPU, replaced: pinned
+    memory by host tensors remembered as pinned, CUDA events by `_FakeEvent`; "meta" stands
+    in for the CUDA device. Everything else in the upload is the backend's own code."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from lookahead_fused.backends import cuda
+
+        self.cuda, self.storages, self.uploads = cuda, set(), 0
+        monkeypatch.setattr(cuda, "_pinned_empty", self._pinned_empty)
+        monkeypatch.setattr(cuda, "_new_event", _FakeEvent)
+        monkeypatch.setattr(cuda, "_current_stream", lambda device: None)
+        monkeypatch.setattr(_FakeEvent, "done", True)
+
+    def _pinned_empty(self, n: int, dtype: torch.dtype) -> Tensor:
+        t = torch.empty(n, dtype=dtype)
+        self.storages.add(t.untyped_storage().data_ptr())
+        return t
+
+    def pinned(self, t: Tensor) -> bool:
+        return t.untyped_storage().data_ptr() in self.storages
+
+    def guard(self) -> contextlib.AbstractContextManager[None]:
+        return no_host_sync(async_uploads=True, pinned=self.pinned)
+
+    def route_uploads(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """cuda_emulated's tables go through the GPU path of the upload (to "meta", inside the
+        guard); the kernels, which run on the host, get a host copy."""
+        real = self.cuda._Staging.upload
+
+        def upload(staging: object, host: Tensor, device: torch.device) -> Tensor:
+            out = real(staging, host, torch.device("meta"))
+            assert out.device.type == "meta" and out.shape == host.shape
+            self.uploads += 1
+            return host.clone()  # host to host: the guard lets it through
+
+        monkeypatch.setattr(self.cuda._Staging, "upload", upload)
+
+
+def test_table_upload_is_asynchronous_from_pinned_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cuda backend's table upload (_Staging.upload) on a stand-in device: staged in pinned
+    memory, copied with non_blocking=True; the buffer is reused once its copy is done, and a
+    new one taken while it is in flight. A blocking or pageable copy would raise here."""
+    fake = _FakeAccelerator(monkeypatch)
+    staging = fake.cuda._Staging()
+    host = torch.arange(12, dtype=torch.int64).reshape(6, 2)
+    with fake.guard():
+        out = staging.upload(host, torch.device("meta"))
+        first = staging.buffer
+        staging.upload(host, torch.device("meta"))
+        assert staging.buffer is first  # the event said the copy was done
+        _FakeEvent.done = False
+        staging.upload(host, torch.device("meta"))
+        assert staging.buffer is not first  # still in flight: a new buffer
+    assert out.device.type == "meta" and out.shape == host.shape
+    assert fake.pinned(first) and not fake.pinned(host)
+
+
+@pytest.mark.skipif("cuda_emulated" not in usable_backends(), reason="needs _C")
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_table_building_steps_make_no_blocking_upload(monkeypatch: pytest.MonkeyPatch, adaptive: bool) -> None:
+    """The cuda backend's Python on the steps that build tables (the first step; a step with new
+    gradient tensors), run as cuda_emulated with its uploads
+    through the GPU path: no host sync and no copy the host waits for."""
+    fake = _FakeAccelerator(monkeypatch)
+    fake.route_uploads(monkeypatch)
+    params, want_params = _params(0), _params(0)
+    opt = LookaheadAdam(params, lr=torch.tensor(0.05), k=K, capturable=True, adaptive_alpha=adaptive,
+                        backend="cuda_emulated")  # fmt: skip
+    want = LookaheadAdam(want_params, lr=torch.tensor(0.05), k=K, adaptive_alpha=adaptive, backend="eager")
+    for step in range(4):
+        gen = torch.Generator().manual_seed(step)
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        for p, q, g in zip(params, want_params, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()  # new gradient tensors: new segment tables
+        with fake.guard():
+            opt.step()
+        want.step()
+    assert fake.uploads >= 5  # chunk table and segment table, then a segment table per step
+    for p, q in zip(params, want_params, strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), **TOLERANCES[torch.float32])

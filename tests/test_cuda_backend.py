@@ -166,7 +166,8 @@ def test_chunk_table_covers_every_element_once() -> None:
     opt.step()
     (b,) = _buckets(opt)
     chunks = b.backend_cache["cuda_chunks"]
-    size = cuda_emulated.EMULATED.chunk_size
+    size = b.backend_cache["cuda_chunk_size"]
+    assert size == cuda_emulated.EMULATED.chunk_size  # the emulation's chunks are fixed (no min_chunk)
     covered = torch.zeros(b.numel, dtype=torch.int64)
     for seg, start in chunks.tolist():
         lo = b.offsets[seg] + start
@@ -244,6 +245,50 @@ def test_adaptive_alpha_is_deterministic() -> None:
 
     first, second = run(), run()
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def _tree_sum(values: list[float], threads: int = 256) -> float:
+    """finalize_kernel's order: thread t sums values t, t + threads, ... in order; then a tree
+    in shared memory, width halving from threads / 2."""
+    s = [0.0] * threads
+    for i, v in enumerate(values):
+        s[i % threads] += v
+    width = threads // 2
+    while width:
+        for t in range(width):
+            s[t] += s[t + width]
+        width //= 2
+    return s[0]
+
+
+@pytest.mark.parametrize("pairs", [0, 1, 3, 255, 256, 257, 1000, 4099])
+def test_finalize_alpha_is_a_fixed_block_reduction(pairs) -> None:
+    """Stage two of adaptive α sums the pairs in one block of 256 threads in a fixed order:
+    the same bits as a Python model of that order, whatever the block scheduling (the emulation
+    runs the block's threads concurrently), and close to the exact sum."""
+    gen = torch.Generator().manual_seed(pairs)
+    partials = torch.randn(pairs, 2, dtype=torch.float64, generator=gen) * torch.logspace(-6, 6, max(pairs, 1),
+        dtype=torch.float64)[:pairs, None]  # fmt: skip
+    partials[:, 1] = partials[:, 1].abs() + 1.0  # dᵀÂd > 0
+    gd_values, dad_values = partials[:, 0].tolist(), partials[:, 1].tolist()
+    gd, dad = _tree_sum(gd_values), _tree_sum(dad_values)
+    want = 0.5 if dad == 0.0 else min(1.0, max(0.1, 1.0 + gd / dad))
+    for seed in (0, 7):
+        _C.emulated_set_block_order_seed(seed)
+        try:
+            out = torch.full((), -1.0, dtype=torch.float64)
+            f = _C.FinalizeArgs()
+            f.partials = partials.data_ptr() if pairs else out.data_ptr()
+            f.num_partials, f.alpha_out, f.alpha, f.alpha_low = pairs, out.data_ptr(), 0.5, 0.1
+            _C.emulated_finalize_alpha(f)
+        finally:
+            _C.emulated_set_block_order_seed(0)
+        assert out.item() == want  # bit for bit
+    if pairs:
+        import math
+
+        exact = 1.0 + math.fsum(gd_values) / math.fsum(dad_values)
+        assert abs(min(1.0, max(0.1, exact)) - want) <= 1e-12
 
 
 # ---------------------------------------------------------------------------------------

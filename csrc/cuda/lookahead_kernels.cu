@@ -9,8 +9,10 @@
 //
 // Work distribution (multi-tensor): the bucket's parameters are cut into chunks of
 // chunk_size elements that never span two parameters (the chunk table, built once per
-// bucket by backends/cuda.py and kept on the device); block b walks chunks b, b + gridDim.x,
-// ..., so a grid sized for the device covers ResNet-152's 467 tensors in one launch. In a
+// bucket by backends/cuda.py and kept on the device); block b walks rows b, b + gridDim.x,
+// ..., so a grid sized for the device covers ResNet-152's 467 tensors in one launch. The
+// chunk size (per launch) and the order of the rows are chosen by backends/cuda.py
+// (plan_chunks) so that every block gets about the same work. In a
 // chunk, threads take V consecutive elements each (V = 4: one 128-bit load of fp32 data, 64
 // bits of bf16/fp16) when every pointer of the chunk is aligned for it, else one element at a
 // time. Indices are 64-bit.
@@ -302,7 +304,7 @@ __global__ void __launch_bounds__(kMaxBlock) step_kernel(Params a) {
 
   if constexpr (kDotsPhase) {
     // Stage one of the deterministic reduction: a fixed tree over the block's threads, one
-    // pair per block to `partials`; finalize_kernel sums the pairs in block order.
+    // pair per block to `partials`; finalize_kernel reduces the pairs in a fixed order.
     LAF_SHARED(double, s_gd, kMaxBlock);
     LAF_SHARED(double, s_dad, kMaxBlock);
     const unsigned tid = threadIdx.x;
@@ -351,8 +353,13 @@ __global__ void __launch_bounds__(kMaxBlock) counter_kernel(CounterParams a) {
   }
 }
 
-// Stage two of adaptive α: one thread sums every block's pair in block order (a few hundred
-// pairs), so the result does not depend on scheduling; then α̂ as reference.adaptive_alpha.
+// Stage two of adaptive α: one block of kFinalizeThreads threads. Thread t sums the pairs t,
+// t + kFinalizeThreads, t + 2 kFinalizeThreads, ... in that order; then a fixed tree in shared
+// memory (width halving, as in stage one) adds the threads' sums. Every addition and its order
+// are fixed by the number of pairs alone, so the result does not depend on scheduling (and the
+// emulation, which runs the same tree, gives the same bits). Then α̂ as reference.adaptive_alpha.
+constexpr unsigned kFinalizeThreads = kMaxBlock;
+
 struct FinalizeParams {
   const double* partials;
   int64_t num_partials;
@@ -360,13 +367,28 @@ struct FinalizeParams {
   double* alpha_out;
 };
 
-__global__ void finalize_kernel(FinalizeParams a) {
-  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+__global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(FinalizeParams a) {
+  LAF_SHARED(double, s_gd, kFinalizeThreads);
+  LAF_SHARED(double, s_dad, kFinalizeThreads);
+  const unsigned tid = threadIdx.x;
   double gd = 0.0, dad = 0.0;
-  for (int64_t i = 0; i < a.num_partials; ++i) {
+  for (int64_t i = tid; i < a.num_partials; i += blockDim.x) {
     gd += ld_meta(a.partials + 2 * i);
     dad += ld_meta(a.partials + 2 * i + 1);
   }
+  s_gd[tid] = gd;
+  s_dad[tid] = dad;
+  __syncthreads();
+  for (unsigned width = blockDim.x / 2; width > 0; width /= 2) {
+    if (tid < width) {
+      s_gd[tid] += s_gd[tid + width];
+      s_dad[tid] += s_dad[tid + width];
+    }
+    __syncthreads();
+  }
+  if (tid != 0) return;
+  gd = s_gd[0];
+  dad = s_dad[0];
   double alpha = a.alpha;
   if (dad != 0.0 && dad - dad == 0.0) {  // finite and nonzero
     alpha = 1.0 + gd / dad;
@@ -513,7 +535,8 @@ void finalize_alpha(const gpu::FinalizeArgs& a) {
   LAF_DEVICE_SCOPE(a.device);
   const FinalizeParams p{reinterpret_cast<const double*>(a.partials), a.num_partials, a.alpha, a.alpha_low,
                          reinterpret_cast<double*>(a.alpha_out)};
-  check_launch(launch(finalize_kernel, 1u, 1u, false, a.stream, p), "lookahead finalize_kernel (adaptive alpha)");
+  check_launch(launch(finalize_kernel, 1u, kFinalizeThreads, true, a.stream, p),
+               "lookahead finalize_kernel (adaptive alpha)");
 }
 
 #if defined(__CUDACC__)

@@ -40,7 +40,7 @@ struct LaunchArgs {
   int64_t chunks = 0;  // device address of num_chunks Chunk rows
   int64_t num_chunks = 0;
   int64_t chunk_size = 1 << 16;
-  int grid = 1;    // blocks (each walks chunks blockIdx.x, +gridDim.x, ...)
+  int grid = 1;    // blocks (each walks chunk rows blockIdx.x, +gridDim.x, ...)
   int block = 256; // threads per block: a power of two, at most 256
   Kind kind = Kind::kSgd;
   Phase phase = Phase::kStep;
@@ -71,7 +71,8 @@ struct LaunchArgs {
 };
 
 // Adaptive α̂ of a group from the partial sums of its buckets' kInnerDots launches, summed in
-// a fixed order by one block, written as fp64 to `alpha_out`.
+// a fixed order by one block of 256 threads (a strided sum per thread, then a fixed tree),
+// written as fp64 to `alpha_out`.
 struct FinalizeArgs {
   int64_t partials = 0;
   int64_t num_partials = 0;  // pairs

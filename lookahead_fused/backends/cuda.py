@@ -13,7 +13,9 @@ Tables, built here and kept in `bucket.backend_cache`:
 - the segment table (one row per parameter: param address, grad address, numel, offset in
   the flat state, counter slot, has-grad; the layout of csrc/cpu_kernels.h) and the chunk
   table (segment, start) of chunks that never span two parameters, both int64 tensors on
-  the bucket's device. The chunk table is built when a parameter changes address or size;
+  the bucket's device. The chunk table is built when a parameter changes address or size,
+  by `plan_chunks` (a pure function of the parameter sizes and the grid, tested on its own by
+  tests/test_cuda_balance.py): its chunk size and row order balance the blocks' work;
   a segment table exists per layout of the parameters and gradients (a few recent layouts
   are kept, by the key of Bucket.grads), so double-buffered gradients or
   `zero_grad(set_to_none=True)` with an allocator that hands the same blocks back reuse
@@ -75,11 +77,14 @@ class _Target:
     name: str
     device_type: str
     prefix: str  # of the _C entry points: "<prefix>step", "<prefix>finalize_alpha"
-    chunk_size: int  # elements per chunk (a multiple of the vector width, 4)
+    chunk_size: int  # the largest chunk, in elements (a multiple of the vector width, 4)
     block: int  # threads per block (a power of two, at most 256)
     max_grid: Callable[[torch.device], int]
     stream: Callable[[torch.device], int]  # the handle of the device's current stream
     index: Callable[[torch.device], int] = lambda device: device.index if device.index is not None else 0
+    # The smallest chunk plan_chunks may choose, and the step between its choices (a multiple
+    # of 4); None: always chunk_size.
+    min_chunk: int | None = None
 
     def entry(self, what: str) -> Callable[[Any], None]:
         return getattr(_C, self.prefix + what)
@@ -113,6 +118,7 @@ CUDA = _Target(
     max_grid=lambda device: 4 * _sm_count(_index(device)),
     stream=lambda device: torch.cuda.current_stream(device).cuda_stream,
     index=_index,
+    min_chunk=4 * 256,  # one 128-bit vector per thread of the block
 )
 
 
@@ -265,11 +271,12 @@ def _launch_args(
     found_inf: Tensor | None,
     capturing: bool = False,
 ) -> Any:
-    segments, chunks, grid = _tables(target, b, grads, capturing)
+    tables = _tables(target, b, grads, capturing)
+    segments, chunks = tables.segments, tables.chunks
     a = _C.LaunchArgs()
     a.segments, a.num_segments = segments.data_ptr(), segments.shape[0]
-    a.chunks, a.num_chunks, a.chunk_size = chunks.data_ptr(), chunks.shape[0], target.chunk_size
-    a.grid, a.block = grid, target.block
+    a.chunks, a.num_chunks, a.chunk_size = chunks.data_ptr(), chunks.shape[0], tables.chunk_size
+    a.grid, a.block = tables.grid, target.block
     a.phase = _C.LaunchPhase.step
     set_bucket_args(a, kind, group, b)
     a.lookahead_step = b.flat["lookahead_step"].data_ptr()
@@ -332,6 +339,7 @@ class _Tables:
     segments: Tensor
     chunks: Tensor
     grid: int
+    chunk_size: int
     relayout: dict[int, Tensor]  # parameter index -> scratch its gradient is copied into
     grads: list[tuple | None]  # what each gradient was (address, shape, strides), for messages
 
@@ -340,32 +348,45 @@ class _Tables:
 class _Staging:
     """Pinned host memory for the tables' host-to-device copies, reused once the event
     recorded after its last copy has completed (else a new buffer is taken: torch's pinned
-    allocator keeps the old one until its copy is done)."""
+    allocator keeps the old one until its copy is done). The copy to the device is
+    asynchronous: the host never waits for the device here (tests/test_capturable.py runs this
+    under tests/nosync.py's upload check, with the device-specific callees below replaced)."""
 
     buffer: Tensor | None = None
     event: Any = None  # torch.cuda.Event
 
     def upload(self, host: Tensor, device: torch.device) -> Tensor:
         out = torch.empty(host.shape, dtype=host.dtype, device=device)
-        if device.type != "cuda":
+        if device.type == "cpu":  # cuda_emulated: the host is the device
             out.copy_(host)
             return out
         n = host.numel()
         busy = self.event is not None and not self.event.query()
         if self.buffer is None or self.buffer.numel() < n or busy:
-            self.buffer = torch.empty(max(n, 1), dtype=host.dtype, pin_memory=True)
+            self.buffer = _pinned_empty(max(n, 1), host.dtype)
         staged = self.buffer[:n].view(host.shape)
         staged.copy_(host)
         out.copy_(staged, non_blocking=True)
-        self.event = torch.cuda.Event()
-        self.event.record(torch.cuda.current_stream(device))
+        self.event = _new_event()
+        self.event.record(_current_stream(device))
         return out
 
 
-def _tables(
-    target: _Target, b: Bucket, grads: list[Tensor | None], capturing: bool = False
-) -> tuple[Tensor, Tensor, int]:
-    """The bucket's (segment table, chunk table, grid) on its device for this step's
+# The device-specific callees of _Staging.upload (tests replace them to run it without a GPU).
+def _pinned_empty(n: int, dtype: torch.dtype) -> Tensor:
+    return torch.empty(n, dtype=dtype, pin_memory=True)
+
+
+def _new_event() -> Any:
+    return torch.cuda.Event()
+
+
+def _current_stream(device: torch.device) -> Any:
+    return torch.cuda.current_stream(device)
+
+
+def _tables(target: _Target, b: Bucket, grads: list[Tensor | None], capturing: bool = False) -> _Tables:
+    """The bucket's tables (segment table, chunk table, grid, chunk size) on its device for this step's
     parameters and gradients: the front-end's checks bump the bucket's versions and keys
     (Bucket.moved, Bucket.grads)."""
     cache = b.backend_cache
@@ -373,11 +394,11 @@ def _tables(
     if cache.get("cuda_param_key") != param_key:
         if capturing:
             raise RuntimeError(_param_change(cache, b))
-        rows, chunks = _build_rows(target, b)
+        rows, plan = _build_rows(target, b)
         staging = cache.setdefault("cuda_staging", _Staging())
         cache["cuda_rows"] = rows  # host rows, gradient columns empty: the template of every table
-        cache["cuda_chunks"] = staging.upload(chunks, b.device)
-        cache["cuda_grid"] = max(1, min(chunks.shape[0], target.max_grid(b.device)))
+        cache["cuda_chunks"] = staging.upload(plan.table(), b.device)
+        cache["cuda_grid"], cache["cuda_chunk_size"] = plan.grid, plan.chunk_size
         cache["cuda_layout"] = [(p.data_ptr(), tuple(p.shape), p.stride()) for p in b.params]
         cache["cuda_param_key"], cache["cuda_tables"] = param_key, {}
         cache["cuda_builds"] = cache.get("cuda_builds", 0) + 1  # tests check that tables are reused
@@ -404,7 +425,7 @@ def _tables(
     # scratch tensor with the parameter's layout (the table points at the scratch).
     for i, scratch in tables.relayout.items():
         scratch.copy_(grads[i])
-    return tables.segments, tables.chunks, tables.grid
+    return tables
 
 
 def _build_tables(target: _Target, b: Bucket, grads: list[Tensor | None], cache: dict[str, Any]) -> _Tables:
@@ -413,7 +434,7 @@ def _build_tables(target: _Target, b: Bucket, grads: list[Tensor | None], cache:
     segments = cache["cuda_staging"].upload(rows, b.device)
     cache["cuda_grad_builds"] = cache.get("cuda_grad_builds", 0) + 1
     described = [None if g is None else (g.data_ptr(), tuple(g.shape), g.stride()) for g in grads]
-    return _Tables(segments, cache["cuda_chunks"], cache["cuda_grid"], relayout, described)
+    return _Tables(segments, cache["cuda_chunks"], cache["cuda_grid"], cache["cuda_chunk_size"], relayout, described)
 
 
 _DURING_CAPTURE = (
@@ -460,15 +481,109 @@ def _grad_change(cache: dict[str, Any], b: Bucket, grads: list[Tensor | None]) -
     return _DURING_CAPTURE.format(what="the gradients changed since the graph's warm-up steps")
 
 
-def _build_rows(target: _Target, b: Bucket) -> tuple[Tensor, Tensor]:
-    """Segment rows (gradient columns empty) and the chunk table, on the host."""
+def _build_rows(target: _Target, b: Bucket) -> tuple[Tensor, ChunkPlan]:
+    """Segment rows (gradient columns empty) and the chunk plan, on the host."""
     check_bucket(target.name, b)
-    rows, chunks = [], []
-    for i, (p, offset) in enumerate(zip(b.params, b.offsets)):
-        rows.append((p.data_ptr(), 0, p.numel(), offset, i, 0))
-        chunks.extend((i, start) for start in range(0, p.numel(), target.chunk_size))
+    rows = [(p.data_ptr(), 0, p.numel(), offset, i, 0) for i, (p, offset) in enumerate(zip(b.params, b.offsets))]
     table = torch.tensor(rows, dtype=torch.int64).reshape(-1, _SEGMENT_COLUMNS)
-    return table, torch.tensor(chunks, dtype=torch.int64).reshape(-1, 2)
+    plan = plan_chunks([p.numel() for p in b.params], target.max_grid(b.device), target.chunk_size, target.min_chunk)
+    return table, plan
+
+
+# ---------------------------------------------------------------------------------------
+# Balanced work distribution: the chunk size and the order of the chunk table.
+# ---------------------------------------------------------------------------------------
+
+# The work of one chunk besides its elements, in elements' worth: its rows and counters read
+# one after another (dependent loads) and its bias corrections, a few hundred nanoseconds per
+# block, about what a block streams of a few hundred elements in that time.
+CHUNK_OVERHEAD = 512
+# Chunks per block the planner aims at (each one tried; the most balanced wins): fewer means
+# less overhead, more means finer granularity.
+_CHUNKS_PER_BLOCK = (4, 6, 8, 12, 16)
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """A launch's chunk table: rows (segment, start) in table order, block b taking rows b,
+    b + grid, b + 2 grid, ... (the kernel's loop); each chunk is [start, start + chunk_size)
+    of its parameter, cut at the parameter's end."""
+
+    sizes: tuple[int, ...]  # elements of each parameter (segment)
+    rows: tuple[tuple[int, int], ...]
+    chunk_size: int
+    grid: int
+
+    def table(self) -> Tensor:
+        return torch.tensor(self.rows, dtype=torch.int64).reshape(-1, 2)
+
+    def length(self, row: tuple[int, int]) -> int:
+        segment, start = row
+        return min(self.chunk_size, self.sizes[segment] - start)
+
+    def block_work(self, overhead: int = CHUNK_OVERHEAD) -> list[int]:
+        """Each block's work: the elements of its chunks plus `overhead` per chunk."""
+        work = [0] * self.grid
+        for k, row in enumerate(self.rows):
+            work[k % self.grid] += self.length(row) + overhead
+        return work
+
+    def imbalance(self, overhead: int = CHUNK_OVERHEAD) -> float:
+        """max / mean of block_work (1.0: perfectly balanced)."""
+        work = self.block_work(overhead)
+        total = sum(work)
+        return max(work) * len(work) / total if total else 1.0
+
+
+def plan_chunks(
+    sizes: list[int], max_grid: int, max_chunk: int, min_chunk: int | None = None, overhead: int = CHUNK_OVERHEAD
+) -> ChunkPlan:
+    """The chunk table and grid for parameters of `sizes` elements on a device that runs
+    `max_grid` blocks at once (a pure function: the backend and tests/test_cuda_balance.py call it).
+
+    Chunks never span two parameters and start at multiples of the chunk size, itself a multiple
+    of `min_chunk` (and of the vector width 4) between min_chunk and max_chunk. For each chunk
+    size that gives about 4-16 chunks per block, the chunks are dealt in rounds of `grid`
+    (the kernel's round-robin: every block takes one chunk per round), largest first, each
+    round's largest chunks to the blocks with the least work so far (LPT greedy in rounds);
+    block labels are then ordered so that the blocks of a short last round come first. The
+    chunk size whose busiest block has the least work (elements + `overhead` per chunk) wins.
+    The same sizes give the same plan."""
+    min_chunk = max_chunk if min_chunk is None else min_chunk
+    if min_chunk <= 0 or min_chunk % 4 or max_chunk % min_chunk:
+        raise ValueError(f"chunk sizes must be multiples of 4, max_chunk of min_chunk (got {min_chunk}, {max_chunk})")
+    sizes = tuple(int(n) for n in sizes)
+    total = sum(sizes)
+    candidates = set()
+    for per_block in _CHUNKS_PER_BLOCK:
+        want = -(-total // (max(1, max_grid) * per_block))
+        for size in (want // min_chunk * min_chunk, -(-want // min_chunk) * min_chunk):
+            candidates.add(max(min_chunk, min(max_chunk, size)))
+    plans = [_deal(sizes, size, max_grid, overhead) for size in sorted(candidates, reverse=True)]
+    return min(plans, key=lambda t: t[0])[1]
+
+
+def _deal(sizes: tuple[int, ...], size: int, max_grid: int, overhead: int) -> tuple[int, ChunkPlan]:
+    """(the busiest block's work, the plan) for one chunk size."""
+    chunks = [(i, start) for i, n in enumerate(sizes) for start in range(0, n, size)]
+    n = len(chunks)
+    grid = max(1, min(n, max_grid))
+    work = [min(size, sizes[i] - start) + overhead for i, start in chunks]
+    order = sorted(range(n), key=lambda c: (-work[c], c))
+    load = [0] * grid
+    dealt: list[list[int]] = [[] for _ in range(grid)]
+    for first in range(0, n, grid):
+        blocks = sorted(range(grid), key=lambda b: (load[b], b))
+        for c, b in zip(order[first : first + grid], blocks):
+            dealt[b].append(c)
+            load[b] += work[c]
+    # Block labels: those with a chunk in a short last round first (the kernel's loop ends there).
+    labels = sorted(range(grid), key=lambda b: (-len(dealt[b]), b))
+    rows: list[tuple[int, int]] = [(0, 0)] * n
+    for label, b in enumerate(labels):
+        for r, c in enumerate(dealt[b]):
+            rows[r * grid + label] = chunks[c]
+    return max(load), ChunkPlan(sizes, tuple(rows), size, grid)
 
 
 def _set_grads(target: _Target, b: Bucket, rows: Tensor, grads: list[Tensor | None]) -> dict[int, Tensor]:
