@@ -53,8 +53,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._buckets import Bucket, where
+from .._buckets import Bucket
 from . import foreach
+from ._capture import capture_error, describe
+from ._capture import capturing as capturing_now
 from ._compiled import check_bucket, grad_scratch, set_bucket_args
 
 try:
@@ -165,7 +167,7 @@ def run_step(
         # One counter and one adaptive α per group: the whole group takes the other path.
         foreach.step(kind, group, buckets, grads, grad_scale, found_inf)
         return
-    capturing = _capturing()
+    capturing = capturing_now()
     # Every table is ready (or an error raised) before the first launch.
     launches = [
         _launch_args(target, kind, group, b, gs, grad_scale, found_inf, capturing) for b, gs in zip(buckets, grads)
@@ -178,14 +180,6 @@ def run_step(
             launch(a)
     for b in buckets:
         b.host_count = None  # the counters moved on the device
-
-
-def _capturing() -> bool:
-    """Whether the current CUDA stream is capturing a graph (False with a torch built without CUDA)."""
-    try:
-        return bool(torch.cuda.is_current_stream_capturing())
-    except (RuntimeError, AssertionError):
-        return False
 
 
 def _adaptive_step(target: _Target, group: dict[str, Any], buckets: list[Bucket], launches: list[Any],
@@ -393,13 +387,13 @@ def _tables(target: _Target, b: Bucket, grads: list[Tensor | None], capturing: b
     param_key = (target.name, b.param_version)
     if cache.get("cuda_param_key") != param_key:
         if capturing:
-            raise RuntimeError(_param_change(cache, b))
+            raise capture_error("cuda", b, cache.get("cuda_layout"), list(b.params), "parameter")
         rows, plan = _build_rows(target, b)
         staging = cache.setdefault("cuda_staging", _Staging())
         cache["cuda_rows"] = rows  # host rows, gradient columns empty: the template of every table
         cache["cuda_chunks"] = staging.upload(plan.table(), b.device)
         cache["cuda_grid"], cache["cuda_chunk_size"] = plan.grid, plan.chunk_size
-        cache["cuda_layout"] = [(p.data_ptr(), tuple(p.shape), p.stride()) for p in b.params]
+        cache["cuda_layout"] = describe(list(b.params))
         cache["cuda_param_key"], cache["cuda_tables"] = param_key, {}
         cache["cuda_builds"] = cache.get("cuda_builds", 0) + 1  # tests check that tables are reused
     key = (param_key, b.grad_key if b.grad_key is not None else ("version", b.grad_version))
@@ -409,7 +403,8 @@ def _tables(target: _Target, b: Bucket, grads: list[Tensor | None], capturing: b
         tables = next((t for k, t in cache.get("cuda_captured_tables", ()) if k == key), None)
     if tables is None:
         if capturing:
-            raise RuntimeError(_grad_change(cache, b, grads))
+            last: _Tables | None = cache.get("cuda_last_tables")
+            raise capture_error("cuda", b, None if last is None else last.grads, grads, "gradient")
         tables = _build_tables(target, b, grads, cache)
         if len(kept) >= _TABLES_KEPT:
             kept.pop(next(iter(kept)))  # the oldest; a graph that used it keeps it (cuda_captured)
@@ -433,52 +428,9 @@ def _build_tables(target: _Target, b: Bucket, grads: list[Tensor | None], cache:
     relayout = _set_grads(target, b, rows, grads)
     segments = cache["cuda_staging"].upload(rows, b.device)
     cache["cuda_grad_builds"] = cache.get("cuda_grad_builds", 0) + 1
-    described = [None if g is None else (g.data_ptr(), tuple(g.shape), g.stride()) for g in grads]
-    return _Tables(segments, cache["cuda_chunks"], cache["cuda_grid"], cache["cuda_chunk_size"], relayout, described)
-
-
-_DURING_CAPTURE = (
-    "a CUDA graph is being captured and the cuda backend would need new address tables "
-    "(a host-to-device copy, which capture forbids, and the graph would read tables that later "
-    "steps replace): {what}. Keep the parameters and the gradient tensors of the warm-up steps "
-    "(zero_grad(set_to_none=False), no new .data), or run eager warm-up steps again before capturing."
-)
-_NO_WARM_UP = "no step ran before the capture (run warm-up steps first: they build the tables)"
-
-
-def _param_change(cache: dict[str, Any], b: Bucket) -> str:
-    old = cache.get("cuda_layout")
-    if old is None:
-        return _DURING_CAPTURE.format(what=_NO_WARM_UP)
-    for i, (p, was) in enumerate(zip(b.params, old)):
-        now = (p.data_ptr(), tuple(p.shape), p.stride())
-        if now != was:
-            if now[0] != was[0]:
-                change = f"moved (address {was[0]:#x}, now {now[0]:#x})"
-            else:
-                change = f"changed shape or strides ({was[1]}, {was[2]}; now {now[1]}, {now[2]})"
-            return _DURING_CAPTURE.format(what=f"{where(i, p)} {change} since the graph's warm-up steps")
-    return _DURING_CAPTURE.format(what="the parameters changed since the graph's warm-up steps")
-
-
-def _grad_change(cache: dict[str, Any], b: Bucket, grads: list[Tensor | None]) -> str:
-    last: _Tables | None = cache.get("cuda_last_tables")
-    if last is None:
-        return _DURING_CAPTURE.format(what=_NO_WARM_UP)
-    for i, (p, g, was) in enumerate(zip(b.params, grads, last.grads)):
-        now = None if g is None else (g.data_ptr(), tuple(g.shape), g.stride())
-        if now == was:
-            continue
-        if was is None:
-            change = "appeared (it had none)"
-        elif now is None:
-            change = "went away (.grad is None)"
-        elif now[0] != was[0]:
-            change = f"moved (address {was[0]:#x}, now {now[0]:#x})"
-        else:
-            change = f"changed strides ({was[2]}, now {now[2]})"
-        return _DURING_CAPTURE.format(what=f"the gradient of {where(i, p)} {change} since the graph's warm-up steps")
-    return _DURING_CAPTURE.format(what="the gradients changed since the graph's warm-up steps")
+    return _Tables(
+        segments, cache["cuda_chunks"], cache["cuda_grid"], cache["cuda_chunk_size"], relayout, describe(grads)
+    )
 
 
 def _build_rows(target: _Target, b: Bucket) -> tuple[Tensor, ChunkPlan]:
