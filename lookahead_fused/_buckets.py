@@ -105,6 +105,14 @@ def where(i: int, p: Tensor) -> str:
     return f"parameter {i} of shape {tuple(p.shape)}"
 
 
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
 def view_like(flat: Tensor, offset: int, like: Tensor) -> Tensor:
     """A view of flat[offset : offset + like.numel()] with like's shape (and strides if dense)."""
     if is_dense(like):
@@ -183,9 +191,25 @@ class Bucket:
             if any(d != self.dtype for d in key[3]) or any(d != self.device for d in key[4]):
                 return True
             self.check_fit()
+            self.follow_layouts()
             self.param_key, self.grad_key = key, None  # the gradients are checked against p again
             self.param_version += 1
         return False
+
+    def follow_layouts(self) -> None:
+        """Give every state view its parameter's current memory order (channels_last after
+        `model.to(memory_format=...)`, `.data` replaced by a tensor of other strides), values
+        kept: the kernels walk a parameter and its state side by side in memory, so state
+        element i must stay beside parameter element i. Each view is re-strided in place, so
+        `optimizer.state[p]` and any reference to its tensors stay valid."""
+        for p, view in zip(self.params, self.views):
+            want = p.stride() if is_dense(p) else _contiguous_strides(p.shape)
+            for key, t in view.items():
+                if key in COUNTER_KEYS or (t.stride() == want and t.shape == p.shape):
+                    continue
+                values = t.clone()  # in logical order
+                t.as_strided_(p.shape, want, t.storage_offset())
+                t.copy_(values.reshape(p.shape))
 
     def check_fit(self) -> None:
         """Refuse a parameter that no longer fits its state (`.data` of another size, a shrunk

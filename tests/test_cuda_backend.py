@@ -357,6 +357,7 @@ def test_cuda_runtime_error_without_a_usable_gpu_is_a_message() -> None:
         assert "cudaGetDeviceCount" in why or "no CUDA device" in why
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(backends.unavailable("cuda", torch.device("cuda", 0)) is not None, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cuda_matches_reference_on_the_gpu(dtype) -> None:
