@@ -106,8 +106,11 @@ def _run(monkeypatch: pytest.MonkeyPatch, spread: bool, steps: int = 4, scaled: 
     monkeypatch.setattr(_C, "emulated_step", launches)
     monkeypatch.setattr(_C, "emulated_finalize_alpha", finals)
     scale, found_inf = torch.tensor(1.0), torch.tensor(0.0)
-    for _ in range(steps):
-        cuda.run_step(target, "adam", group, buckets, grads, scale if scaled else None, found_inf if scaled else None)
+    handed = (scale, found_inf) if scaled else (None, None)
+    # Each launch may touch only the tensors of its own (emulated) device: "illegal address" else.
+    with cuda_emulated.checked_memory(group, buckets, grads, *handed):
+        for _ in range(steps):
+            cuda.run_step(target, "adam", group, buckets, grads, *handed)
     monkeypatch.undo()
     return buckets, grads, launches.calls, finals.calls, [scale, found_inf, group["lr"]]
 

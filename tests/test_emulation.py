@@ -162,7 +162,7 @@ def test_a_tensor_of_another_device_is_an_illegal_address(monkeypatch) -> None:
         p.grad = torch.randn_like(p)
     foreign = params[1].data_ptr()
     real = cuda_emulated._tensors
-    monkeypatch.setattr(cuda_emulated, "_tensors", lambda c: [t for t in real(c) if t.data_ptr() != foreign])
+    monkeypatch.setattr(cuda_emulated, "_tensors", lambda *a: [t for t in real(*a) if t.data_ptr() != foreign])
     with pytest.raises(RuntimeError, match=f"illegal address: .* at {foreign:#x} belongs to no tensor of device 0"):
         opt.step()
 

@@ -18,8 +18,9 @@ make blocks run in a shuffled order and turn on the race detector.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,10 +34,16 @@ from .cuda import _C, _Target, run_step
 _current = threading.local()
 
 
-def _tensors(context: tuple) -> list[Tensor]:
+def _tensors(context: tuple, device: int, target: _Target) -> list[Tensor]:
+    """The tensors of the step in progress that live on emulated device `device`: those of the
+    buckets on it, and GradScaler's scalars and a tensor lr where they are on a bucket's device
+    (the backend copies them to the others)."""
     group, buckets, grads, grad_scale, found_inf = context
-    out: list[Tensor] = [t for t in (grad_scale, found_inf, group.get("lr")) if isinstance(t, Tensor)]
+    out: list[Tensor] = []
     for b, gs in zip(buckets, grads):
+        if target.index(b.device) != device:
+            continue
+        out += [t for t in (grad_scale, found_inf, group.get("lr")) if isinstance(t, Tensor) and t.device == b.device]
         out += list(b.params) + [g for g in gs if g is not None] + list(b.flat.values())
         for key, value in b.backend_cache.items():
             if key == "cuda_rows":  # the host copy of the segment table (host memory on a GPU)
@@ -48,11 +55,12 @@ def _tensors(context: tuple) -> list[Tensor]:
     return out
 
 
-def _register(device: int) -> None:
+def _register(device: int, target: _Target) -> None:
     context = getattr(_current, "context", None)
     if context is None:
         return
-    ranges = [(t.data_ptr(), t.numel() * t.element_size()) for t in _tensors(context) if t.device.type == "cpu"]
+    tensors = _tensors(context, device, target)
+    ranges = [(t.data_ptr(), t.numel() * t.element_size()) for t in tensors if t.device.type == "cpu"]
     _C.emulated_set_device_ranges(device, ranges)
     _current.devices.add(device)
 
@@ -65,7 +73,7 @@ class _EmulatedTarget(_Target):
         launch = super().entry(what)
 
         def checked(args: Any) -> None:
-            _register(args.device)
+            _register(args.device, self)
             launch(args)
 
         return checked
@@ -94,9 +102,18 @@ def step(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
 ) -> None:
+    with checked_memory(group, buckets, grads, grad_scale, found_inf):
+        run_step(EMULATED, kind, group, buckets, grads, grad_scale, found_inf)
+
+
+@contextlib.contextmanager
+def checked_memory(group: dict[str, Any], buckets: list[Bucket], grads: list[list[Tensor | None]],
+                   grad_scale: Tensor | None, found_inf: Tensor | None) -> Iterator[None]:  # fmt: skip
+    """While it is open, every launch through an _EmulatedTarget may touch only the tensors of
+    this step that live on the launch's device ("illegal address" otherwise)."""
     _current.context, _current.devices = (group, buckets, grads, grad_scale, found_inf), set()
     try:
-        run_step(EMULATED, kind, group, buckets, grads, grad_scale, found_inf)
+        yield
     finally:
         for device in _current.devices:  # the tensors may go away: check nothing stale later
             _C.emulated_clear_device_ranges(device)
