@@ -44,11 +44,14 @@ from lookahead_fused import triton_kernels as kernels  # noqa: E402
 from lookahead_fused._buckets import state_keys  # noqa: E402
 from lookahead_fused.backends import triton as backend  # noqa: E402
 
-# Measured (triton 3.9): at most 168 registers a thread over every variant, 20 for the counter
-# kernel. 192 keeps 2 blocks of 128 threads an SM within the 64 K registers of an A100/H100
-# (enough loads in flight for this memory-bound kernel: 8 elements a thread, 5-9 streams) and
-# leaves room for another Triton's choices; a variant above it is a regression to look at.
-REGISTER_BUDGET = 192
+# Measured: at most 168 registers a thread over every variant with triton 3.9, 200 with triton
+# 3.6 (what GPU machines ship with torch 2.11: adaptive alpha's first pass with amsgrad and a
+# GradScaler), 20 for the counter kernel. 255 is the hardware's limit; up to 256 a thread,
+# two blocks of 128 threads stay resident per SM (64 K registers). 224 keeps that with room,
+# and a variant above it is a regression to look at. (With triton 3.6, sm_80 misses it: the
+# fp16 adaptive-alpha first pass with amsgrad takes 254 registers and two unaligned 16-bit SGD
+# variants spill 8 bytes; sm_90 passes. Checked by hand with triton 3.6 installed beside torch.)
+REGISTER_BUDGET = 224
 TARGETS = {"sm_90": 90, "sm_80": 80}
 
 
@@ -278,13 +281,16 @@ def test_variants_cover_every_choice(compiled) -> None:  # noqa: ANN001
 
 def test_no_spills_and_registers_within_budget(compiled) -> None:  # noqa: ANN001
     table = collections.Counter()
+    bad = []
     for target, meta, result in compiled:
-        assert result["local"] == 0, f"{result['name']} spills ({result['local']} bytes of local memory)"
-        assert result["regs"] <= REGISTER_BUDGET, f"{result['name']} uses {result['regs']} registers"
-        table[(target, meta.get("PARAM_DTYPE", "counters"), meta.get("ALIGNED"))] = max(
-            table[(target, meta.get("PARAM_DTYPE", "counters"), meta.get("ALIGNED"))], result["regs"]
-        )
+        if result["local"] != 0:
+            bad.append(f"{result['name']} spills ({result['local']} bytes of local memory)")
+        if result["regs"] > REGISTER_BUDGET:
+            bad.append(f"{result['name']} uses {result['regs']} registers")
+        where = (target, meta.get("PARAM_DTYPE", "counters"), meta.get("ALIGNED"))
+        table[where] = max(table[where], result["regs"])
     print("\nmost registers a thread:", dict(table))
+    assert not bad, f"{len(bad)} of {len(compiled)} variants:\n" + "\n".join(bad)
 
 
 def test_ieee_sqrt_and_division_only(compiled) -> None:  # noqa: ANN001

@@ -80,13 +80,14 @@ def traffic(regions: dict[str, Tensor]) -> Iterator[Traffic]:
     builder, executor = interpreter.InterpreterBuilder, interpreter.GridExecutor
     load, store, launch = builder.create_masked_load, builder.create_masked_store, executor.__call__
 
-    def counting_load(self, ptrs, mask, other, cache_policy, is_volatile):  # noqa: ANN001, ANN202
+    # (ptrs, mask, ...) first; the other arguments differ between Triton versions (3.6 has one more).
+    def counting_load(self, ptrs, mask, *rest):  # noqa: ANN001, ANN202
         counted.add(counted.loads, ptrs.data, mask.data, ptrs.get_element_ty().primitive_bitwidth // 8)
-        return load(self, ptrs, mask, other, cache_policy, is_volatile)
+        return load(self, ptrs, mask, *rest)
 
-    def counting_store(self, ptrs, value, mask, cache_policy):  # noqa: ANN001, ANN202
+    def counting_store(self, ptrs, value, mask, *rest):  # noqa: ANN001, ANN202
         counted.add(counted.stores, ptrs.data, mask.data, ptrs.get_element_ty().primitive_bitwidth // 8)
-        return store(self, ptrs, value, mask, cache_policy)
+        return store(self, ptrs, value, mask, *rest)
 
     def counting_launch(self, *args, **kwargs):  # noqa: ANN001, ANN202
         counted.launches[self.fn.__name__] += 1
