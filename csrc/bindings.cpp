@@ -16,34 +16,25 @@ using namespace lookahead_fused::cpu;
 
 namespace {
 
-// The widest SIMD extension the host code was compiled for (CMake's
-// LOOKAHEAD_FUSED_CPU_ARCH picks the target).
-const char* simd_level() {
-#if defined(__AVX512F__)
-  return "AVX512";
-#elif defined(__AVX2__)
-  return "AVX2";
-#elif defined(__AVX__)
-  return "AVX";
-#elif defined(__SSE4_2__)
-  return "SSE4.2";
-#elif defined(__SSE2__)
-  return "SSE2";
-#elif defined(__ARM_FEATURE_SVE)
-  return "SVE";
-#elif defined(__ARM_NEON)
-  return "NEON";
-#else
-  return "none";
-#endif
+// The CPU kernels' ISA levels (csrc/cpu_kernels.h): built, runnable here, selected.
+py::list cpu_isa_list(bool supported_only) {
+  py::list names;
+  for (int i = 0; i < isa_count(); ++i)
+    if (!supported_only || isa_info(i).supported) names.append(isa_info(i).name);
+  return names;
 }
 
 py::dict build_info() {
   py::dict info;
   info["compiler"] = LOOKAHEAD_FUSED_COMPILER;  // "<CMake compiler id> <version>"
   info["flags"] = LOOKAHEAD_FUSED_CXX_FLAGS;
-  info["cpu_arch"] = LOOKAHEAD_FUSED_CPU_ARCH;
-  info["simd"] = simd_level();
+  info["cpu_kernel_flags"] = LOOKAHEAD_FUSED_CPU_KERNEL_FLAGS;  // plus each level's -march=
+  info["cpu_arch"] = LOOKAHEAD_FUSED_CPU_ARCH;                   // "dispatch", or the -march= of one build
+  info["cpu_isas"] = cpu_isa_list(false);                         // the levels built, lowest first
+  info["cpu_isas_supported"] = cpu_isa_list(true);                // those this CPU runs
+  const IsaInfo selected = isa_info(selected_isa());
+  info["cpu_isa"] = selected.name;  // the level the kernels run
+  info["simd"] = selected.simd;     // its widest SIMD extension
   info["openmp_max_threads"] = omp_get_max_threads();
 #if defined(LOOKAHEAD_FUSED_WITH_CUDA)
   info["cuda"] = true;
@@ -210,6 +201,14 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("eps", &StepArgs::eps)
       .def_readwrite("alpha", &StepArgs::alpha)
       .def_readwrite("grad_scale", &StepArgs::grad_scale);
+
+  m.def(
+      "cpu_isa", [] { return std::string(isa_info(selected_isa()).name); },
+      "The ISA level the CPU kernels run (the highest this CPU supports unless cpu_set_isa chose one).");
+  m.def(
+      "cpu_set_isa", [](const std::string& name) { select_isa(name.c_str()); }, py::arg("name"),
+      "Run the CPU kernels of this ISA level from now on (tests compare the levels); ValueError for a level "
+      "not built or one this CPU lacks.");
 
   m.def(
       "lookahead_step",

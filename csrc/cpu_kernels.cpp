@@ -12,6 +12,16 @@
 // the memory traffic (nesterov, maximize, weight decay, dampening) stay runtime values,
 // written as selects in lookahead_math.h so that the loops stay branch-free; the
 // inner-state policy of a sync (reset, pullback) is a short loop after the main one.
+//
+// The file is compiled once per ISA level (CMakeLists.txt), each time with its own -march= and
+// LAF_CPU_NS, the namespace of that build; the build of the lowest level also defines
+// LAF_CPU_PRIMARY and holds the dispatcher (the end of this file), which runs the highest
+// level the CPU supports. Compiled alone (`g++ -c csrc/cpu_kernels.cpp`) it is one level with
+// its own dispatcher.
+#ifndef LAF_CPU_NS
+#define LAF_CPU_NS single
+#define LAF_CPU_PRIMARY 1
+#endif
 #include "cpu_kernels.h"
 
 #include <omp.h>
@@ -20,13 +30,14 @@
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
+#include <string>
 #include <type_traits>
 #include <vector>
 
 #include "lookahead_math.h"
 #include "variant_dispatch.h"
 
-namespace lookahead_fused::cpu {
+namespace lookahead_fused::cpu::LAF_CPU_NS {
 namespace {
 
 // Per-parameter scalars, computed serially before the parallel walk from the parameter's
@@ -80,6 +91,10 @@ void walk_piece(const Context& c, int64_t s, int64_t begin, int64_t end, AlphaDo
   const AdamStepScalars adam_t = ss.adam;
   const bool first = ss.first;
   const float bc2 = ss.bc2, eps = c.eps, lr = c.lr, alpha = c.alpha;
+  // The lerps' branch and factor, once per loop: no select on a loop-invariant flag is left
+  // in the loop (lookahead_math.h, lerp_weight).
+  const LerpWeight m_weight = lerp_weight(adam_s.one_minus_beta1);
+  const LerpWeight phi_weight = lerp_weight(alpha);
   double gd = 0.0, dad = 0.0;
 
 #pragma omp simd reduction(+ : gd, dad)
@@ -91,7 +106,7 @@ void walk_piece(const Context& c, int64_t s, int64_t begin, int64_t end, AlphaDo
       if constexpr (kAdamKind) {
         float v = load<S>(v_buf[i]);
         float v_max = kAmsgrad ? load<S>(vmax_buf[i]) : 0.0f;
-        adam_update<kAmsgrad>(theta, g, m, v, v_max, adam_s, adam_t);
+        adam_update<kAmsgrad>(theta, g, m, v, v_max, adam_s, adam_t, m_weight);
         v_buf[i] = store<S>(v);
         if constexpr (kAmsgrad) vmax_buf[i] = store<S>(v_max);
         if constexpr (kDots) {
@@ -107,7 +122,7 @@ void walk_piece(const Context& c, int64_t s, int64_t begin, int64_t end, AlphaDo
     }
     if constexpr (kSync) {
       // θ as the parameter holds it, φ ← lerp(φ, θ, α) rounded to φ's dtype, θ ← φ.
-      const float phi = rounded<F>(sync_slow(load<F>(slow[i]), rounded<P>(theta), alpha));
+      const float phi = rounded<F>(sync_slow(load<F>(slow[i]), rounded<P>(theta), phi_weight));
       slow[i] = store<F>(phi);
       theta = phi;
     }
@@ -313,4 +328,157 @@ void stream_floor(const int64_t* buffers, int reads, int writes, int64_t n, int6
   }
 }
 
+// The widest SIMD extension this build was compiled for.
+const char* simd_level() {
+#if defined(__AVX512F__)
+  return "AVX512";
+#elif defined(__AVX2__)
+  return "AVX2";
+#elif defined(__AVX__)
+  return "AVX";
+#elif defined(__SSE4_2__)
+  return "SSE4.2";
+#elif defined(__SSE2__)
+  return "SSE2";
+#elif defined(__ARM_FEATURE_SVE)
+  return "SVE";
+#elif defined(__ARM_NEON)
+  return "NEON";
+#else
+  return "none";
+#endif
+}
+
+}  // namespace lookahead_fused::cpu::LAF_CPU_NS
+
+// ---------------------------------------------------------------------------------------
+// The dispatcher (in the build of the lowest level, which any CPU of the family runs).
+// ---------------------------------------------------------------------------------------
+
+#if defined(LAF_CPU_PRIMARY)
+
+// LAF_CPU_ISA_TABLE(X): X(namespace, "name") per level built, lowest first; CMake writes it
+// into a header of the build folder. Alone, this file is the only level.
+#if defined(LAF_CPU_ISAS_HEADER)
+#include LAF_CPU_ISAS_HEADER
+#else
+#define LAF_CPU_ISA_TABLE(X) X(single, LAF_CPU_ISA_NAME)
+#endif
+#ifndef LAF_CPU_ISA_NAME
+#define LAF_CPU_ISA_NAME "default"
+#endif
+
+#include <atomic>
+
+namespace lookahead_fused::cpu {
+
+#define LAF_CPU_DECLARE(ns, name) LAF_CPU_DECLARE_ISA(ns)
+LAF_CPU_ISA_TABLE(LAF_CPU_DECLARE)
+#undef LAF_CPU_DECLARE
+
+namespace {
+
+struct Isa {
+  const char* name;
+  StepResult (*step)(const StepArgs&);
+  void (*stream)(const int64_t*, int, int, int64_t, int64_t);
+  const char* (*simd)();
+};
+
+#define LAF_CPU_ENTRY(ns, name) Isa{name, &ns::lookahead_step, &ns::stream_floor, &ns::simd_level},
+const Isa kIsas[] = {LAF_CPU_ISA_TABLE(LAF_CPU_ENTRY)};
+#undef LAF_CPU_ENTRY
+constexpr int kNumIsas = static_cast<int>(sizeof kIsas / sizeof kIsas[0]);
+static_assert(kNumIsas <= kMaxIsas, "raise kMaxIsas");
+
+// Whether this CPU (and its OS, for the AVX registers: libgcc checks XCR0) runs the level.
+// Levels other than the x86-64 ones are the baseline of their target, or a single build
+// for the -march= its builder picked: taken as runnable.
+bool cpu_runs(const char* name) {
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  const bool v2 = __builtin_cpu_supports("sse4.2") && __builtin_cpu_supports("popcnt") &&
+                  __builtin_cpu_supports("ssse3");
+  const bool v3 = v2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                  __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
+  const bool v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                  __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+                  __builtin_cpu_supports("avx512cd");
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+  // GCC knows the levels themselves (movbe, lzcnt, f16c, ... as well).
+  if (std::strcmp(name, "x86-64-v2") == 0) return v2 && __builtin_cpu_supports("x86-64-v2");
+  if (std::strcmp(name, "x86-64-v3") == 0) return v3 && __builtin_cpu_supports("x86-64-v3");
+  if (std::strcmp(name, "x86-64-v4") == 0) return v4 && __builtin_cpu_supports("x86-64-v4");
+#else
+  if (std::strcmp(name, "x86-64-v2") == 0) return v2;
+  if (std::strcmp(name, "x86-64-v3") == 0) return v3;
+  if (std::strcmp(name, "x86-64-v4") == 0) return v4;
+#endif
+#endif
+  (void)name;
+  return true;
+}
+
+const bool* runs_table() {
+  static const auto table = [] {
+    struct T {
+      bool v[kMaxIsas];
+    } t{};
+    for (int i = 0; i < kNumIsas; ++i) t.v[i] = cpu_runs(kIsas[i].name);
+    return t;
+  }();
+  return table.v;
+}
+
+std::atomic<int> g_selected{-1};
+
+int current() {
+  int s = g_selected.load(std::memory_order_acquire);
+  if (s >= 0) return s;
+  const bool* runs = runs_table();
+  s = 0;  // the lowest level runs on every CPU of its family
+  for (int i = kNumIsas - 1; i > 0; --i) {
+    if (runs[i]) {
+      s = i;
+      break;
+    }
+  }
+  int expected = -1;
+  g_selected.compare_exchange_strong(expected, s, std::memory_order_acq_rel);
+  return g_selected.load(std::memory_order_acquire);
+}
+
+}  // namespace
+
+StepResult lookahead_step(const StepArgs& args) { return kIsas[current()].step(args); }
+
+void stream_floor(const int64_t* buffers, int reads, int writes, int64_t n, int64_t chunk) {
+  kIsas[current()].stream(buffers, reads, writes, n, chunk);
+}
+
+int isa_count() { return kNumIsas; }
+
+IsaInfo isa_info(int i) {
+  if (i < 0 || i >= kNumIsas) throw std::out_of_range("no such ISA level");
+  return IsaInfo{kIsas[i].name, kIsas[i].simd(), runs_table()[i]};
+}
+
+int selected_isa() { return current(); }
+
+void select_isa(const char* name) {
+  std::string built;
+  for (int i = 0; i < kNumIsas; ++i) {
+    if (std::strcmp(kIsas[i].name, name) == 0) {
+      if (!runs_table()[i])
+        throw std::invalid_argument(std::string("ISA level ") + name + " was built, but this CPU lacks it");
+      g_selected.store(i, std::memory_order_release);
+      return;
+    }
+    built += (i ? ", " : "") + std::string(kIsas[i].name);
+  }
+  throw std::invalid_argument(std::string("ISA level ") + name + " was not built (built: " + built + ")");
+}
+
 }  // namespace lookahead_fused::cpu
+
+#endif  // LAF_CPU_PRIMARY

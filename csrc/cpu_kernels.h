@@ -70,4 +70,36 @@ StepResult lookahead_step(const StepArgs& args);
 // OpenMP chunking as lookahead_step. The floor the benchmark holds the optimizer against.
 void stream_floor(const int64_t* buffers, int reads, int writes, int64_t n, int64_t chunk);
 
+// ---------------------------------------------------------------------------------------
+// ISA levels. csrc/cpu_kernels.cpp is compiled once per ISA level (CMakeLists.txt: by default
+// x86-64, x86-64-v3 and x86-64-v4 on x86, the compiler's baseline elsewhere; a single build
+// for an explicit LOOKAHEAD_FUSED_CPU_ARCH), each build in its own namespace
+// lookahead_fused::cpu::<LAF_CPU_NS>. lookahead_step and stream_floor above call the level
+// selected: the highest one this CPU supports, chosen at the first call, so that a portable
+// build never executes an instruction the CPU lacks.
+// ---------------------------------------------------------------------------------------
+
+struct IsaInfo {
+  const char* name;  // "x86-64-v3", or the -march= of a single build
+  const char* simd;  // the widest SIMD extension it was compiled for: "AVX512", "AVX2", "SSE2", "NEON", ...
+  bool supported;    // whether this CPU can run it
+};
+
+// The levels built, lowest first (at most kMaxIsas).
+constexpr int kMaxIsas = 8;
+int isa_count();
+IsaInfo isa_info(int i);
+int selected_isa();  // index of the level lookahead_step runs
+// Runs the named level from now on (tests compare the levels). Throws std::invalid_argument
+// for a level that was not built or that this CPU lacks.
+void select_isa(const char* name);
+
+// What each ISA build defines (cpu_kernels.cpp), declared for the dispatcher.
+#define LAF_CPU_DECLARE_ISA(ns)                                                                    \
+  namespace ns {                                                                                   \
+  StepResult lookahead_step(const StepArgs& args);                                                 \
+  void stream_floor(const int64_t* buffers, int reads, int writes, int64_t n, int64_t chunk);       \
+  const char* simd_level();                                                                        \
+  }
+
 }  // namespace lookahead_fused::cpu

@@ -66,15 +66,28 @@ LAF_HD float bits_float(uint32_t u) {
 #endif
 }
 
-// c ? a : b for a flag that is fixed for a whole loop (a hyperparameter, or whether the
-// parameter takes its first step). On the host it is a bit blend, which GCC vectorises next
-// to 16-bit loads and stores where a float select on a bool defeats its if-conversion.
-LAF_HD float choose(bool c, float a, float b) {
+// c ? a : b, with no branch for the compiler to keep: for a flag that is fixed for a whole
+// loop (a hyperparameter, or whether the parameter takes its first step) and for
+// data-dependent picks alike. On the host it is a bit blend. GCC turns a `?:` into a branch
+// whenever it can sink the computation of one side into it, and it then refuses to
+// if-convert that branch back when the side holds float arithmetic (which "could trap"
+// without -fno-trapping-math), so the loop stays scalar ("control flow in loop"); a blend
+// uses both sides and leaves nothing to sink. Exactly c ? a : b, bit for bit. On the GPU
+// the `?:` is a select instruction.
+LAF_HD uint32_t choose_bits(bool c, uint32_t a, uint32_t b) {
 #if defined(__CUDACC__)
   return c ? a : b;
 #else
   const uint32_t mask = 0u - static_cast<uint32_t>(c);
-  return bits_float((float_bits(a) & mask) | (float_bits(b) & ~mask));
+  return (a & mask) | (b & ~mask);
+#endif
+}
+
+LAF_HD float choose(bool c, float a, float b) {
+#if defined(__CUDACC__)
+  return c ? a : b;
+#else
+  return bits_float(choose_bits(c, float_bits(a), float_bits(b)));
 #endif
 }
 
@@ -104,7 +117,7 @@ LAF_HD uint16_t store<bf16>(float x) {
   const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   const uint32_t nan = (u >> 16) | 0x40u;
   const bool is_nan = (u & 0x7fffffffu) > 0x7f800000u;
-  return static_cast<uint16_t>(is_nan ? nan : rounded);
+  return static_cast<uint16_t>(choose_bits(is_nan, nan, rounded));
 }
 
 #if defined(__CUDACC__)
@@ -128,7 +141,7 @@ LAF_HD float load<fp16>(uint16_t h) {
   const uint32_t two_w = w + w;
   const float normalized = bits_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
   const float denormalized = bits_float((two_w >> 17) | (126u << 23)) - 0.5f;
-  const uint32_t magnitude = two_w < (1u << 27) ? float_bits(denormalized) : float_bits(normalized);
+  const uint32_t magnitude = choose_bits(two_w < (1u << 27), float_bits(denormalized), float_bits(normalized));
   return bits_float(sign | magnitude);
 }
 template <>
@@ -143,7 +156,9 @@ LAF_HD uint16_t store<fp16>(float x) {
   const float base = bits_float((bias >> 1) + 0x07800000u) + (std::fabs(x) * 0x1.0p+112f) * 0x1.0p-110f;
   const uint32_t bits = float_bits(base);
   const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
-  return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+  // A blend, not `?:`: GCC would sink the float arithmetic above into the non-NaN branch and
+  // then keep the branch (see choose_bits).
+  return static_cast<uint16_t>((sign >> 16) | choose_bits(shl1_w > 0xFF000000u, 0x7E00u, nonsign));
 }
 #endif
 
@@ -165,14 +180,26 @@ LAF_HD float sqrt_f(float x) {
 // torch.lerp's formula, w < 0.5 ? a + w (b − a) : b − (b − a)(1 − w) (exact at both ends),
 // written as one multiply-add from a selected base, as ATen's vectorised lerp does: the
 // branch on w then becomes a blend, and loops over it vectorise (b − (b − a)(1 − w) equals
-// b + (w − 1)(b − a) exactly, negation being exact).
-LAF_HD float lerp(float a, float b, float w) {
+// b + (w − 1)(b − a) exactly, negation being exact). The weight is the same for a whole
+// loop: LerpWeight holds the branch taken and the factor, computed once before the loop
+// (lerp_weight), so that the loop body holds no select on a loop-invariant flag (GCC
+// unswitches such loops, runs into its size limit and leaves them scalar on AVX2).
+struct LerpWeight {
+  bool small;    // w < 0.5: the result is a + w (b − a); else b + (w − 1)(b − a)
+  float factor;  // w or w − 1
+};
+
+LAF_HD LerpWeight lerp_weight(float w) {
   const bool small = w < 0.5f;
-  return choose(small, a, b) + (small ? w : w - 1.0f) * (b - a);
+  return LerpWeight{small, choose(small, w, w - 1.0f)};
 }
 
-// torch.maximum: a NaN in either operand wins.
-LAF_HD float nan_maximum(float a, float b) { return (a != a) ? a : ((b != b) ? b : (a > b ? a : b)); }
+LAF_HD float lerp(float a, float b, const LerpWeight& w) { return choose(w.small, a, b) + w.factor * (b - a); }
+
+LAF_HD float lerp(float a, float b, float w) { return lerp(a, b, lerp_weight(w)); }
+
+// torch.maximum: a NaN in either operand wins (a's first), else the larger one.
+LAF_HD float nan_maximum(float a, float b) { return choose(a != a, a, choose(b != b, b, choose(a > b, a, b))); }
 
 // ---------------------------------------------------------------------------------------
 // Scalars. Everything a kernel needs besides pointers, in fp32 as the reference's tensor
@@ -230,13 +257,14 @@ LAF_HD void sgd_update(float& theta, float& g, float& buf, bool first, const Sgd
 }
 
 // torch.optim.Adam / AdamW for one element; `g` becomes the gradient the moments saw.
+// `m_weight` is lerp_weight(s.one_minus_beta1), which a loop computes once before it.
 template <bool kAmsgrad>
 LAF_HD void adam_update(float& theta, float& g, float& m, float& v, float& v_max, const AdamScalars& s,
-                        const AdamStepScalars& t) {
+                        const AdamStepScalars& t, const LerpWeight& m_weight) {
   const float g_decayed = g + s.weight_decay * theta;
   g = choose(s.l2, g_decayed, g);
   theta = theta * s.decay_factor;
-  m = lerp(m, g, s.one_minus_beta1);
+  m = lerp(m, g, m_weight);
   v = v * s.beta2 + s.one_minus_beta2 * g * g;
   float denom;
   if (kAmsgrad) {
@@ -248,8 +276,16 @@ LAF_HD void adam_update(float& theta, float& g, float& m, float& v, float& v_max
   theta = theta + t.neg_step_size * m / denom;
 }
 
+template <bool kAmsgrad>
+LAF_HD void adam_update(float& theta, float& g, float& m, float& v, float& v_max, const AdamScalars& s,
+                        const AdamStepScalars& t) {
+  adam_update<kAmsgrad>(theta, g, m, v, v_max, s, t, lerp_weight(s.one_minus_beta1));
+}
+
 // The sync of Algorithm 1: φ ← φ + α(θ − φ) (eq. 1), then θ ← φ. `theta` is the value the
 // parameter holds (already rounded to its dtype); returns the new φ in fp32 before rounding.
+// `alpha` as lerp_weight(α), computed once per loop, or as α.
+LAF_HD float sync_slow(float phi, float theta, const LerpWeight& alpha) { return lerp(phi, theta, alpha); }
 LAF_HD float sync_slow(float phi, float theta, float alpha) { return lerp(phi, theta, alpha); }
 
 // inner_state="pullback": m ← α m + (1 − α) m_cached; the caller stores m into the cache too.

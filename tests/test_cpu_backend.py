@@ -4,10 +4,12 @@ OpenMP threads, inputs rejected before any address reaches C++, and the build in
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 
-from lookahead_fused import LookaheadAdam, LookaheadSGD, backends, reference
+from lookahead_fused import LookaheadAdam, LookaheadAdamW, LookaheadSGD, backends, reference
 from lookahead_fused.testing import TOLERANCES
 
 if backends.unavailable("cpu", torch.device("cpu")) is not None:
@@ -281,3 +283,87 @@ def test_resized_grad_storage_rejected() -> None:
     p.grad.untyped_storage().resize_(16)
     with pytest.raises(RuntimeError, match="storage"):
         opt.step()
+
+
+# ---------------------------------------------------------------------------------------
+# ISA levels: a portable build holds the kernels once per level and runs the highest one the
+# CPU supports (CMakeLists.txt, LOOKAHEAD_FUSED_CPU_ARCH=dispatch); all levels agree bit for bit.
+# ---------------------------------------------------------------------------------------
+
+
+def test_isa_levels_reported() -> None:
+    info = _C.build_info()
+    built, supported = list(info["cpu_isas"]), list(info["cpu_isas_supported"])
+    assert built and set(supported) <= set(built) and supported
+    assert info["cpu_isa"] == _C.cpu_isa() in supported
+    if info["cpu_arch"] == "dispatch" and platform.machine() in ("x86_64", "AMD64"):
+        assert built[0] == "x86-64" and "x86-64-v3" in built  # the baseline, and AVX2 with every GCC >= 11
+        assert info["cpu_isa"] == supported[-1], "the highest level this CPU supports is selected"
+        want = {"x86-64": "SSE2", "x86-64-v3": "AVX2", "x86-64-v4": "AVX512"}[info["cpu_isa"]]
+        assert info["simd"] == want
+    elif info["cpu_arch"] != "dispatch":
+        assert built == [info["cpu_arch"] or "default"]
+
+
+@pytest.fixture
+def restore_isa():
+    selected = _C.cpu_isa()
+    yield
+    _C.cpu_set_isa(selected)
+
+
+def test_set_isa_refuses_unknown_and_unsupported(restore_isa) -> None:
+    info = _C.build_info()
+    with pytest.raises(ValueError, match="not built"):
+        _C.cpu_set_isa("x86-64-v9")
+    for level in info["cpu_isas"]:
+        if level in info["cpu_isas_supported"]:
+            _C.cpu_set_isa(level)
+            assert _C.cpu_isa() == level and _C.build_info()["cpu_isa"] == level
+        else:
+            with pytest.raises(ValueError, match="lacks"):
+                _C.cpu_set_isa(level)
+
+
+def _isa_run(kind: str, dtype: torch.dtype, hyper: dict) -> list[torch.Tensor]:
+    """Four steps (two syncs) over odd-sized tensors: final parameters and every state tensor."""
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(1037,), (3, 7), (1,), (64, 33)]
+    params = [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in shapes]
+    grads = [[torch.randn(s, generator=gen).to(dtype) for s in shapes] for _ in range(4)]
+    cls = {"sgd": LookaheadSGD, "adam": LookaheadAdam, "adamw": LookaheadAdamW}[kind]
+    opt = cls(params, k=2, alpha=0.6, backend="cpu", **hyper)
+    for step in grads:
+        for p, g in zip(params, step, strict=True):
+            p.grad = g.clone()
+        opt.step()
+    out = [p.detach().clone() for p in params]
+    for p in params:
+        out += [v.clone() for _, v in sorted(opt.state[p].items()) if isinstance(v, torch.Tensor)]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "kind,hyper",
+    [
+        ("adam", dict(lr=0.01)),
+        ("adam", dict(lr=0.01, weight_decay=0.1, amsgrad=True, maximize=True)),
+        ("adam", dict(lr=0.01, adaptive_alpha=True, inner_state="reset")),
+        ("adamw", dict(lr=0.01, weight_decay=0.1, inner_state="pullback")),
+        ("sgd", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)),
+        ("sgd", dict(lr=0.05, momentum=0.9, dampening=0.1, inner_state="pullback")),
+    ],
+)
+def test_isa_levels_bit_identical(restore_isa, kind: str, hyper: dict, dtype: torch.dtype) -> None:
+    levels = _C.build_info()["cpu_isas_supported"]
+    if len(levels) < 2:
+        pytest.skip(f"one ISA level runs here: {levels}")
+    results = {}
+    for level in levels:
+        _C.cpu_set_isa(level)
+        results[level] = _isa_run(kind, dtype, hyper)
+    first = levels[0]
+    for level in levels[1:]:
+        for i, (a, b) in enumerate(zip(results[first], results[level], strict=True)):
+            assert torch.equal(a, b), f"{level} differs from {first} in tensor {i}"
