@@ -66,6 +66,23 @@ LAF_HD float bits_float(uint32_t u) {
 #endif
 }
 
+// a * b + c rounded once: how torch computes `c.add(b, alpha=a)` (L2 weight decay
+// `grad.add(param, alpha=weight_decay)`), a fused multiply-add in its vectorised CPU kernels and
+// on the GPU. Where the gradient nearly cancels the decay term, rounding the product first
+// changes the small sum in relative terms, and Adam's first step (|m| / (sqrt(v) + eps) with
+// m² ≈ v) passes that on to θ. Hosts without FMA instructions (the x86-64 baseline) form the
+// exact product in double and round the sum once more: equal to the fused result except in
+// double-rounding ties.
+LAF_HD float mul_add(float a, float b, float c) {
+#if defined(__CUDACC__)
+  return fmaf(a, b, c);
+#elif defined(__FMA__)
+  return std::fma(a, b, c);
+#else
+  return static_cast<float>(static_cast<double>(a) * static_cast<double>(b) + static_cast<double>(c));
+#endif
+}
+
 // c ? a : b, with no branch for the compiler to keep: for a flag that is fixed for a whole
 // loop (a hyperparameter, or whether the parameter takes its first step) and for
 // data-dependent picks alike. On the host it is a bit blend. GCC turns a `?:` into a branch
@@ -246,7 +263,7 @@ LAF_HD float prepare_grad(float g, const GradScalars& s) { return (g / s.scale) 
 // (after weight decay), as in reference.sgd_update.
 template <bool kMomentum>
 LAF_HD void sgd_update(float& theta, float& g, float& buf, bool first, const SgdScalars& s) {
-  const float g_decayed = g + s.weight_decay * theta;
+  const float g_decayed = mul_add(s.weight_decay, theta, g);
   g = choose(s.has_weight_decay, g_decayed, g);
   float d_p = g;
   if (kMomentum) {
@@ -261,7 +278,7 @@ LAF_HD void sgd_update(float& theta, float& g, float& buf, bool first, const Sgd
 template <bool kAmsgrad>
 LAF_HD void adam_update(float& theta, float& g, float& m, float& v, float& v_max, const AdamScalars& s,
                         const AdamStepScalars& t, const LerpWeight& m_weight) {
-  const float g_decayed = g + s.weight_decay * theta;
+  const float g_decayed = mul_add(s.weight_decay, theta, g);
   g = choose(s.l2, g_decayed, g);
   theta = theta * s.decay_factor;
   m = lerp(m, g, m_weight);

@@ -85,8 +85,9 @@ def _round(x, DTYPE: tl.constexpr):
 
 @triton.jit
 def _l2(g, wd, theta):
-    """L2 weight decay g + λθ, only when λ ≠ 0 (as torch.optim): 0·θ is NaN for an infinite θ."""
-    return tl.where(wd != 0.0, g + wd * theta, g)
+    """L2 weight decay g + λθ, only when λ ≠ 0 (as torch.optim): 0·θ is NaN for an infinite θ.
+    One rounding (a fused multiply-add), as torch's `grad.add(param, alpha=λ)` computes it."""
+    return tl.where(wd != 0.0, tl.fma(wd, theta, g), g)
 
 
 @triton.jit
