@@ -219,6 +219,24 @@ LAF_DEVICE double read_lr(const Params& a) {
                         : static_cast<double>(ld_meta(static_cast<const float*>(a.lr_ptr)));
 }
 
+// A fixed tree over the block's threads (width halving, blockDim.x a power of two): afterwards
+// s_gd[0] and s_dad[0] hold the sums of every thread's (gd, dad), added in an order fixed by
+// blockDim.x alone, so the result does not depend on scheduling. Both adaptive-α reductions
+// (per block in the step kernel, over the blocks' pairs in finalize_kernel) use it.
+LAF_DEVICE void block_tree_sum(double* s_gd, double* s_dad, double gd, double dad) {
+  const unsigned tid = threadIdx.x;
+  s_gd[tid] = gd;
+  s_dad[tid] = dad;
+  __syncthreads();
+  for (unsigned width = blockDim.x / 2; width > 0; width /= 2) {
+    if (tid < width) {
+      s_gd[tid] += s_gd[tid + width];
+      s_dad[tid] += s_dad[tid + width];
+    }
+    __syncthreads();
+  }
+}
+
 // The step kernel: every variant is an instantiation of this body.
 template <class V>
 __global__ void __launch_bounds__(kMaxBlock) step_kernel(Params a) {
@@ -307,18 +325,8 @@ __global__ void __launch_bounds__(kMaxBlock) step_kernel(Params a) {
     // pair per block to `partials`; finalize_kernel reduces the pairs in a fixed order.
     LAF_SHARED(double, s_gd, kMaxBlock);
     LAF_SHARED(double, s_dad, kMaxBlock);
-    const unsigned tid = threadIdx.x;
-    s_gd[tid] = dots.g_dot_d;
-    s_dad[tid] = dots.d_a_d;
-    __syncthreads();
-    for (unsigned width = blockDim.x / 2; width > 0; width /= 2) {
-      if (tid < width) {
-        s_gd[tid] += s_gd[tid + width];
-        s_dad[tid] += s_dad[tid + width];
-      }
-      __syncthreads();
-    }
-    if (tid == 0) {
+    block_tree_sum(s_gd, s_dad, dots.g_dot_d, dots.d_a_d);
+    if (threadIdx.x == 0) {
       st_meta(a.partials + 2 * blockIdx.x, s_gd[0]);
       st_meta(a.partials + 2 * blockIdx.x + 1, s_dad[0]);
     }
@@ -370,23 +378,13 @@ struct FinalizeParams {
 __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(FinalizeParams a) {
   LAF_SHARED(double, s_gd, kFinalizeThreads);
   LAF_SHARED(double, s_dad, kFinalizeThreads);
-  const unsigned tid = threadIdx.x;
   double gd = 0.0, dad = 0.0;
-  for (int64_t i = tid; i < a.num_partials; i += blockDim.x) {
+  for (int64_t i = threadIdx.x; i < a.num_partials; i += blockDim.x) {
     gd += ld_meta(a.partials + 2 * i);
     dad += ld_meta(a.partials + 2 * i + 1);
   }
-  s_gd[tid] = gd;
-  s_dad[tid] = dad;
-  __syncthreads();
-  for (unsigned width = blockDim.x / 2; width > 0; width /= 2) {
-    if (tid < width) {
-      s_gd[tid] += s_gd[tid + width];
-      s_dad[tid] += s_dad[tid + width];
-    }
-    __syncthreads();
-  }
-  if (tid != 0) return;
+  block_tree_sum(s_gd, s_dad, gd, dad);
+  if (threadIdx.x != 0) return;
   gd = s_gd[0];
   dad = s_dad[0];
   double alpha = a.alpha;
