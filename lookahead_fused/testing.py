@@ -2,7 +2,10 @@
 tolerances (stated here once), and a runner that steps a backend and the reference side by
 side on the same inputs and reports the largest differences.
 
-Tolerances are per parameter dtype and apply to every compared tensor after every step:
+Tolerances are per dtype and apply after every step to the parameters (by their dtype) and
+to every state entry by the dtype it is stored in (state_tolerances: the fp32 state and slow
+weights of a bf16 model are held to fp32, most elements; a state dtype other than the
+reference's is a failure):
     fp32  atol 1e-6, rtol 1e-5: backends differ from the reference only in the order of
           fp32 operations (a few ulps per step);
     fp64  atol 1e-12, rtol 1e-10;
@@ -114,10 +117,16 @@ class Report:
     def ok(self) -> bool:
         return not self.failures
 
-    def compare(self, what: str, got: Tensor, want: Tensor, tol: dict[str, float]) -> None:
+    def compare(
+        self, what: str, got: Tensor, want: Tensor, tol: dict[str, float], most: dict[str, float] | None = None
+    ) -> None:
+        """Every element within `tol`; and, given `most`, at least MOST_WITHIN of them within it."""
         got64, want64 = got.detach().double().cpu(), want.detach().double().cpu()
         if got.shape != want.shape:
             self.failures.append(f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}")
+            return
+        if got.dtype != want.dtype:  # stored in another dtype than the reference stores it
+            self.failures.append(f"{what}: dtype {got.dtype} != {want.dtype}")
             return
         if got64.numel() == 0:
             return
@@ -126,6 +135,41 @@ class Report:
             self.max_abs, self.worst = err, what
         if not torch.allclose(got64, want64, **tol):
             self.failures.append(f"{what}: max abs error {err:.3g} beyond atol={tol['atol']} rtol={tol['rtol']}")
+        elif most is not None:
+            within = torch.isclose(got64, want64, **most).double().mean().item()
+            if within < MOST_WITHIN:
+                self.failures.append(
+                    f"{what}: only {within:.0%} of the elements within atol={most['atol']} rtol={most['rtol']} "
+                    f"(stored as {got.dtype})"
+                )
+
+
+# Of a tensor stored more precisely than its parameter (the fp32 state and slow weights of a
+# bf16/fp16 model), at least this fraction of the elements must agree at the stored dtype's
+# tolerance; the rest at the parameter's. Measured: when a backend's fp32 math differs from the
+# reference's by an ulp, the parameter can round to the neighbouring bf16/fp16 value, and the
+# state then follows that parameter (weight decay, the sync's lerp) by a parameter ulp: a few
+# elements, never most (88% of fp32 slow weights of a bf16 model are not bf16 values, and a
+# backend that rounds φ to bf16 moves nearly all of them: tests/test_emulation_planted.py).
+MOST_WITHIN = 0.9
+
+
+def _precision_rank(dtype: torch.dtype) -> int:
+    return {torch.float16: 0, torch.bfloat16: 0, torch.float32: 1, torch.float64: 2}[dtype]
+
+
+def state_tolerances(param_dtype: torch.dtype, state: Tensor) -> tuple[dict[str, float], dict[str, float] | None]:
+    """(tolerance of every element, tolerance of most elements or None) for a state tensor,
+    by the dtype it is stored in: a value is as precise as the less precise of its storage and
+    the math that made it (fp64 for fp64 parameters, else fp32). Counters and other
+    non-float state must be equal."""
+    if not state.is_floating_point():
+        return {"atol": 0.0, "rtol": 0.0}, None
+    math = torch.float64 if param_dtype == torch.float64 else torch.float32
+    stored = min(state.dtype, math, key=_precision_rank)
+    if _precision_rank(param_dtype) < _precision_rank(stored):
+        return TOLERANCES[param_dtype], TOLERANCES[stored]
+    return TOLERANCES[stored], None
 
 
 def reference_states(kind: str, params: list[Tensor], hyper: dict[str, Any]) -> list[dict[str, Any]]:
@@ -149,15 +193,14 @@ def compare_step(
 ) -> None:
     """Compare the parameters and every reference state entry after step `step` (1-based)."""
     for i, (p, want_p, want_state) in enumerate(zip(params, ref_params, ref_states, strict=True)):
-        tol = TOLERANCES[p.dtype]
         where = f"step {step} param {i}"
-        report.compare(where, p, want_p, tol)
+        report.compare(where, p, want_p, TOLERANCES[p.dtype])
         got_state = opt.state[p]
         for key, want in want_state.items():
             if key not in got_state:
                 report.failures.append(f"{where}: state '{key}' missing")
             else:
-                report.compare(f"{where} {key}", got_state[key], want, tol)
+                report.compare(f"{where} {key}", got_state[key], want, *state_tolerances(p.dtype, got_state[key]))
 
 
 def run_against_reference(
