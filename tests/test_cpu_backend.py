@@ -367,3 +367,22 @@ def test_isa_levels_bit_identical(restore_isa, kind: str, hyper: dict, dtype: to
     for level in levels[1:]:
         for i, (a, b) in enumerate(zip(results[first], results[level], strict=True)):
             assert torch.equal(a, b), f"{level} differs from {first} in tensor {i}"
+
+
+@pytest.mark.parametrize("level", ["x86-64", "bogus"])
+def test_isa_chosen_by_environment_variable(level: str) -> None:
+    """LOOKAHEAD_FUSED_CPU_ISA picks the level at import; an unknown one is a clear error."""
+    import os
+    import subprocess
+    import sys
+
+    if level not in _C.build_info().get("cpu_isas", []) and level != "bogus":
+        pytest.skip(f"{level} is not built here")
+    code = "import lookahead_fused.backends.cpu; from lookahead_fused import _C; print(_C.cpu_isa())"
+    env = {**os.environ, "LOOKAHEAD_FUSED_CPU_ISA": level}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if level == "bogus":
+        assert out.returncode != 0 and "LOOKAHEAD_FUSED_CPU_ISA='bogus'" in out.stderr
+    else:
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == level

@@ -26,6 +26,7 @@ the front-end does and is fast where models actually are.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import torch
@@ -42,6 +43,17 @@ except ImportError as e:  # the compiled core is not built (e.g. a source checko
     _IMPORT_ERROR = f"lookahead_fused._C is not built: {e}"
 else:
     _IMPORT_ERROR = None
+
+# LOOKAHEAD_FUSED_CPU_ISA=x86-64-v3 (or x86-64, x86-64-v4) runs the kernels of that level
+# instead of the highest one the CPU supports: to compare levels on one machine (the
+# benchmark), or to take a level out of use. A level that was not built or that the CPU
+# lacks is an error at import, not a crash later.
+_ISA = os.environ.get("LOOKAHEAD_FUSED_CPU_ISA")
+if _C is not None and _ISA:
+    try:
+        _C.cpu_set_isa(_ISA)
+    except ValueError as e:
+        raise ValueError(f"LOOKAHEAD_FUSED_CPU_ISA={_ISA!r}: {e}") from None
 
 # Elements per OpenMP work item: large enough that a thread streams through whole pages,
 # small enough that 60 M elements give every thread hundreds of items to balance.
