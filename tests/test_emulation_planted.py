@@ -13,14 +13,7 @@ if backends.unavailable("cuda_emulated", torch.device("cpu")) is not None:
     pytest.skip("cuda_emulated is not built", allow_module_level=True)
 
 
-@pytest.fixture
-def seed():
-    yield
-    _C.emulated_set_block_order_seed(0)
-
-
-def _buckets(opt):
-    return [b for buckets in opt._group_buckets if buckets for b in buckets]
+from tests.test_emulation import _buckets, seed  # noqa: E402, F401  (seed: a fixture)
 
 
 def _adaptive_sync_step():
@@ -39,7 +32,8 @@ def _adaptive_sync_step():
     return cache["cuda_alpha_partials"].clone(), cache["cuda_alpha_hat"].clone(), [p.detach().clone() for p in params]
 
 
-def test_adaptive_alpha_partials_are_kept_by_block_index_in_any_block_order(seed) -> None:
+@pytest.mark.usefixtures("seed")
+def test_adaptive_alpha_partials_are_kept_by_block_index_in_any_block_order() -> None:
     """Block b's partial sums go to slot b whatever order the blocks ran in, so finalize sums
     them in one fixed order: the partials and α̂ (fp64, before its rounding to fp32 in the
     sync) are bit for bit those of blocks in order. (Comparing only the fp32 results, as
