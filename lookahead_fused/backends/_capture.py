@@ -35,6 +35,14 @@ _DURING_CAPTURE = (
 _NO_WARM_UP = "no step ran before the capture (run warm-up steps first: they build the tables)"
 
 
+def keep_captured(cache: dict, name: str, *tensors: Tensor) -> None:
+    """Keep tensors a CUDA graph was captured with referenced in `cache[name]` for the bucket's
+    life: a table replaced or evicted afterwards must not be freed while a graph still reads it."""
+    captured: dict[int, Tensor] = cache.setdefault(name, {})
+    for t in tensors:
+        captured.setdefault(id(t), t)
+
+
 def describe(tensors: list[Tensor | None]) -> list[tuple | None]:
     """What capture_error compares: (address, shape, strides) of each tensor, None for None."""
     return [None if t is None else (t.data_ptr(), tuple(t.shape), t.stride()) for t in tensors]

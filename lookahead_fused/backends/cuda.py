@@ -55,7 +55,7 @@ from torch import Tensor
 
 from .._buckets import Bucket
 from . import foreach
-from ._capture import capture_error, describe
+from ._capture import capture_error, describe, keep_captured
 from ._capture import capturing as capturing_now
 from ._compiled import check_bucket, grad_scratch, set_bucket_args
 
@@ -311,14 +311,8 @@ def _alpha_buffers(keeper: Bucket, need: int, capturing: bool) -> tuple[Tensor, 
         cache["cuda_alpha_hat"] = torch.zeros((), dtype=torch.float64, device=keeper.device)
     pair = (partials, cache["cuda_alpha_hat"])
     if capturing:
-        _keep_captured(cache, pair)
+        keep_captured(cache, "cuda_captured", *pair)
     return pair
-
-
-def _keep_captured(cache: dict[str, Any], tensors: tuple[Tensor, ...]) -> None:
-    captured: list[tuple[Tensor, ...]] = cache.setdefault("cuda_captured", [])
-    if not any(entry[0] is tensors[0] for entry in captured):
-        captured.append(tensors)
 
 
 # ---------------------------------------------------------------------------------------
@@ -410,7 +404,7 @@ def _tables(target: _Target, b: Bucket, grads: list[Tensor | None], capturing: b
             kept.pop(next(iter(kept)))  # the oldest; a graph that used it keeps it (cuda_captured)
         kept[key] = tables
     if capturing:
-        _keep_captured(cache, (tables.segments, tables.chunks, *tables.relayout.values()))
+        keep_captured(cache, "cuda_captured", tables.segments, tables.chunks, *tables.relayout.values())
         captured_tables = cache.setdefault("cuda_captured_tables", [])
         if not any(t is tables for _, t in captured_tables):
             captured_tables.append((key, tables))

@@ -44,9 +44,9 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._buckets import Bucket
+from .._buckets import STATE_ALIGNMENT, Bucket
 from . import foreach
-from ._capture import capture_error, capturing, describe
+from ._capture import capture_error, capturing, describe, keep_captured
 from ._compiled import check_bucket, grad_scratch
 
 try:
@@ -75,8 +75,9 @@ NUM_WARPS = 4
 COUNTER_BLOCK = 128  # the counter kernel: one element per parameter
 
 # The ALIGNED kernel variant needs every row of every tensor to start at a multiple of this
-# many bytes (128-bit accesses); torch's allocations are, views at odd offsets may not be.
-_ALIGNMENT = 16
+# many bytes (128-bit accesses): the alignment the buckets pad every parameter's state to;
+# torch's allocations have it, views at odd offsets may not.
+_ALIGNMENT = STATE_ALIGNMENT
 
 # How many gradient-address vectors a bucket keeps (distinct sets of gradients seen lately).
 _GRAD_VECTORS_KEPT = 4
@@ -240,7 +241,7 @@ class _Launch:
             cache["triton_partials"] = torch.zeros(self.table.shape[0], 2, dtype=torch.float64, device=device)
         self.partials = cache["triton_partials"]
         if capture:  # a graph reads these for its whole life: later steps must not free them
-            _keep_captured(cache, self.table, self.partials, zero)
+            keep_captured(cache, "triton_captured", self.table, self.partials, zero)
         self.found_inf = zero if found_inf is None else found_inf.to(device)
         self.k = group["k"]
 
@@ -341,14 +342,6 @@ def _log(beta: float) -> float:
 # ---------------------------------------------------------------------------------------
 
 
-def _keep_captured(cache: dict[str, Any], *tensors: Tensor) -> None:
-    """Keep tensors a CUDA graph was captured with referenced for the bucket's life (a table
-    replaced or evicted afterwards must not be freed while a graph still reads it)."""
-    captured: dict[int, Tensor] = cache.setdefault("triton_captured", {})
-    for t in tensors:
-        captured.setdefault(id(t), t)
-
-
 def _chunk_table(b: Bucket, capture: bool = False) -> tuple[Tensor, bool]:
     """The bucket's chunk table (triton_kernels/lookahead.py), rebuilt only when a parameter's
     address or size changes (`.data` replaced, `model.half()`), and whether every row starts
@@ -404,7 +397,7 @@ def _grad_addresses(b: Bucket, grads: list[Tensor | None], capture: bool = False
         vector, relayout, aligned, _ = kept[key]
         cache["triton_grads_last"] = key
     if capture:
-        _keep_captured(cache, vector, *relayout.values())
+        keep_captured(cache, "triton_captured", vector, *relayout.values())
     for i, scratch in relayout.items():
         scratch.copy_(grads[i])
     return vector, aligned
