@@ -50,7 +50,7 @@ def _tensors(context: tuple, device: int, target: _Target) -> list[Tensor]:
                 continue
             if isinstance(value, Tensor):
                 out.append(value)
-            elif isinstance(value, dict):  # cuda_relayout: gradient scratch tensors
+            elif isinstance(value, dict):  # cuda_relayout (gradient scratch), cuda_captured
                 out += [t for t in value.values() if isinstance(t, Tensor)]
     return out
 
