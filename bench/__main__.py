@@ -25,6 +25,10 @@ dtype and k (5 and 10). How it measures, so that the numbers mean the same on ev
   wrapping it; GPU: device kernels and copies in the profiler); "extra MiB": the memory the
   optimizer holds beyond parameters and gradients (CPU: its state tensors, each storage
   once; GPU: the peak of allocated memory over building it and one cycle);
+- "host ms": for the fused classes on a compiled backend, a step with the kernels replaced by
+  calls that do nothing (the fastest of 5 cycles, after the timed repetitions): what the host
+  spends per step on checks, tables and launch arguments. On a GPU this is the step's time
+  whenever it exceeds the kernels' (a CUDA graph replay removes it);
 - on a GPU each capturable contender is also timed with its step captured in a CUDA graph
   and replayed ("graph ms/step").
 """
@@ -35,6 +39,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import math
 import statistics
 import sys
 import time
@@ -68,6 +73,7 @@ class Result:
     seconds: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in MODES})
     sync_seconds: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in MODES})
     launches: float | None = None
+    host_seconds: float | None = None  # per step, kernels stubbed (_host_seconds)
     extra_bytes: int | None = None
     unavailable: str | None = None
     error: str | None = None
@@ -147,6 +153,76 @@ def _launches_per_step(opt: Optimizer, k: int, device: torch.device) -> float | 
             _time_cycle(opt.step, k, device)
         launches = sum(c.calls for c in counters)
     return launches / k if launches else None
+
+
+class _Stub:
+    """Stands in for a module: the named callables do nothing (and return `value`)."""
+
+    def __init__(self, module: Any, names: dict[str, Any]) -> None:
+        self._module, self._names = module, names
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._names:
+            value = self._names[name]
+            return lambda *args, **kwargs: value
+        return getattr(self._module, name)
+
+
+class _StubKernel:
+    """Stands in for a Triton kernel: `kernel[grid](...)` launches nothing."""
+
+    def __getitem__(self, grid: Any) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def _stubbed_kernels() -> Iterator[None]:
+    """The compiled backends with their kernels replaced by calls that do nothing: a step
+    then costs what the host spends on it (checks, tables, launch arguments)."""
+    import lookahead_fused.backends.cpu as cpu_backend
+    import lookahead_fused.backends.cuda as cuda_backend
+    import lookahead_fused.backends.triton as triton_backend
+
+    patches: list[tuple[Any, str, Any]] = []
+    if cpu_backend._C is not None:
+        patches.append((cpu_backend, "_C", _Stub(cpu_backend._C, {"lookahead_step": (0.0, 0.0)})))
+    if cuda_backend._C is not None:  # cuda and cuda_emulated reach their entry points through it
+        entries = {f"{prefix}{what}": None for prefix in ("cuda_", "emulated_") for what in ("step", "finalize_alpha")}
+        patches.append((cuda_backend, "_C", _Stub(cuda_backend._C, entries)))
+    if triton_backend.kernels is not None:
+        names = ("lookahead_step_kernel", "advance_counters_kernel")
+        patches += [(triton_backend.kernels, name, _StubKernel()) for name in names]
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    try:
+        for owner, name, stub in patches:
+            setattr(owner, name, stub)
+        yield
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+
+
+# The backends whose kernels _stubbed_kernels replaces: the host time of the others (torch's
+# optimizers, foreach, eager) cannot be told apart from their kernels'.
+HOST_TIMED_BACKENDS = ("cpu", "cuda", "cuda_emulated", "triton")
+
+
+def _host_seconds(opt: Optimizer, k: int, device: torch.device, cycles: int = 5) -> float | None:
+    """Seconds of host time per step (the fastest of `cycles` cycles, kernels stubbed), for
+    the fused classes on a compiled backend; None for the others. Run after the timed
+    repetitions: the stubbed steps change nothing but the host's counters."""
+    if getattr(opt, "backend", None) not in HOST_TIMED_BACKENDS:
+        return None
+    _synchronize(device)
+    best = math.inf
+    with _stubbed_kernels():
+        for _ in range(cycles):
+            start = time.perf_counter()
+            for _ in range(k):
+                opt.step()
+            best = min(best, (time.perf_counter() - start) / k)
+    _synchronize(device)
+    return best
 
 
 def _tensors(obj: Any, seen: set[int]) -> Iterator[Tensor]:
@@ -231,12 +307,15 @@ def measure(
     for g in grads:
         g.mul_(1e-2)  # gradient-sized values keep Adam's and SGD's updates small over many steps
     live: list[tuple[Result, str, Callable[[], Any]]] = []
+    optimizers: list[tuple[Result, Optimizer]] = []
     for result in results:
         c = result.contender
         if c.build is None:
             continue
         try:
-            live.append((result, "eager", _prepare(result, pset, grads, dtype, device).step))
+            opt = _prepare(result, pset, grads, dtype, device)
+            live.append((result, "eager", opt.step))
+            optimizers.append((result, opt))
         except NotImplementedError as e:  # a contender still being written
             result.unavailable = f"not implemented yet{': ' + str(e) if str(e) else ''}"
             continue
@@ -258,6 +337,8 @@ def measure(
             steps = _time_cycle(step, result.contender.k, device)
             result.seconds[mode].append(sum(steps) / len(steps))
             result.sync_seconds[mode].append(steps[-1])
+    for result, opt in optimizers:
+        result.host_seconds = _host_seconds(opt, result.contender.k, device)
     return results
 
 
@@ -313,6 +394,7 @@ def _row(
         modelled_floor_ms=modelled_s * 1e3 if modelled_s else None,
         of_modelled_floor=modelled_s / median if modelled_s else None,
         launches_per_step=result.launches,
+        host_ms=result.host_seconds * 1e3 if result.host_seconds is not None else None,
         extra_mib=result.extra_bytes / 2**20 if result.extra_bytes is not None else None,
         graph_median_ms=statistics.median(graph) * 1e3 if graph else None,
         graph_min_ms=min(graph) * 1e3 if graph else None,
@@ -329,7 +411,8 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def _print_table(rows: list[dict[str, Any]], gpu: bool) -> None:
     columns = f"{'ms/step':>8} {'min-max':<15}{'sync ms':>8} {'GB/s':>6} {'x fused':>7} {'floor ms':>8} {'of floor':>8}"
-    columns += f" {'launch':>6} {'extra MiB':>9}" + (f" {'graph ms/step':>13} {'of model':>8}" if gpu else "")
+    columns += f" {'launch':>6} {'host ms':>7} {'extra MiB':>9}"
+    columns += f" {'graph ms/step':>13} {'of model':>8}" if gpu else ""
     print(f"{'contender':<42} {columns}")
     configs = dict.fromkeys((r["set"], r["dtype"], r["k"], r["family"]) for r in rows)
     names = {f.name: f.torch_class.__name__ for f in FAMILIES}
@@ -346,7 +429,8 @@ def _print_table(rows: list[dict[str, Any]], gpu: bool) -> None:
                 f"{r['median_ms']:>8.2f} {r['min_ms']:.2f}-{r['max_ms']:.2f}".ljust(24)
                 + f"{_fmt(r['sync_ms'], '.2f'):>8} {r['gb_per_s']:>6.1f} {_fmt(r['vs_torch_fused'], '.2f'):>7}"
                 f" {_fmt(r['floor_ms'], '.2f'):>8} {_fmt(r['of_floor'], '.0%'):>8}"
-                f" {_fmt(r['launches_per_step'], '.3g'):>6} {_fmt(r['extra_mib'], '.1f'):>9}"
+                f" {_fmt(r['launches_per_step'], '.3g'):>6} {_fmt(r['host_ms'], '.3f'):>7}"
+                f" {_fmt(r['extra_mib'], '.1f'):>9}"
             )
             if gpu:
                 line += f" {_fmt(r['graph_median_ms'], '.3f'):>13} {_fmt(r['of_modelled_floor'], '.0%'):>8}"

@@ -176,6 +176,26 @@ def test_launches_count_calls_into_the_kernels() -> None:
     assert cli._launches_per_step(opt("eager"), 3, CPU) is None  # torch ops only: nothing of _C
 
 
+@pytest.mark.parametrize("backend", ["cpu", "cuda_emulated", "triton"])
+def test_host_time_steps_with_the_kernels_stubbed(backend: str) -> None:
+    """Under _stubbed_kernels a compiled backend's step runs every host-side check and table
+    but no kernel (the parameters and the state stay as they are), and the kernels are back
+    afterwards; the host-ms column is measured for the fused classes only."""
+    params = TINY.make(CPU)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt = lookahead_fused.LookaheadAdam(params, lr=0.1, k=2, alpha=0.7, backend=backend)
+    opt.step()  # builds the buckets and tables with the real kernels
+    before = [p.detach().clone() for p in params]
+    seconds = cli._host_seconds(opt, 2, CPU, cycles=2)
+    assert seconds is not None and 0 < seconds < 1
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))  # nothing ran
+    opt.step()
+    assert all(not torch.equal(p, b) for p, b in zip(params, before, strict=True))  # restored
+    assert cli._host_seconds(torch.optim.Adam(params), 2, CPU) is None
+    assert cli._host_seconds(lookahead_fused.LookaheadAdam(params, backend="foreach"), 2, CPU) is None
+
+
 def test_timm_lookahead_loads_without_the_package_init(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """timm's __init__ may fail (torchvision absent); its lookahead.py alone then still loads."""
     (tmp_path / "timm" / "optim").mkdir(parents=True)

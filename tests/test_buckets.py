@@ -83,3 +83,29 @@ def test_odd_sized_parameters_keep_the_triton_kernels_aligned(monkeypatch) -> No
             p.grad = torch.randn_like(p)
         opt.step()
     assert seen and all(seen)
+
+
+def test_steady_steps_leave_the_garbage_collector_alone() -> None:
+    """The layout checks of a step build a key of every parameter and gradient (tens of
+    thousands of tuples for a big model) and drop it: none may live long enough for the cyclic
+    collector to run over it, which would bring on full collections of the whole heap (a
+    pause of 170 ms every few steps was measured with 10,000 tensors). The cpu backend
+    allocates nothing else per step, so a steady step there runs no collection at all."""
+    import gc
+
+    torch.manual_seed(0)
+    params = [torch.randn(4, requires_grad=True) for _ in range(2000)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = LookaheadAdam(params, lr=1e-3, backend="cpu")
+    for _ in range(3):
+        opt.step()
+    collections = []
+    callback = lambda phase, info: collections.append(info["generation"]) if phase == "start" else None  # noqa: E731
+    gc.callbacks.append(callback)
+    try:
+        for _ in range(10):
+            opt.step()
+    finally:
+        gc.callbacks.remove(callback)
+    assert collections == []
