@@ -87,6 +87,12 @@ def variants() -> list[Variant]:
 # an odd size, and a channels-last convolution weight.
 SHAPES: list[tuple[int, ...]] = [(7, 5), (33,), (), (0, 4), (3, 4, 3, 3)]
 NO_GRAD_INDEX = 1  # the (33,) vector: its gradient is None on some steps, synced all the same
+# The 0-based steps on which it has none: a plain step and, at k = 3, both sync steps of the
+# default 7 (a parameter without a gradient is still synced: φ and θ move, its state does not).
+NO_GRAD_STEPS = (1, 2, 5)
+# The default α of the side-by-side runs: not 0.5, where α and 1 - α give the same answer, so
+# an interpolation written backwards (θ + α(φ − θ)) would pass unseen.
+ALPHA = 0.7
 
 
 def make_params(dtype: torch.dtype, device: str | torch.device, seed: int = 0) -> list[Tensor]:
@@ -211,17 +217,18 @@ def run_against_reference(
     *,
     steps: int = 7,
     k: int = 3,
-    alpha: float = 0.5,
+    alpha: float = ALPHA,
     grad_scaler: bool = False,
     seed: int = 0,
 ) -> Report:
     """Step `backend` and the reference side by side for `steps` steps and compare the
     parameters and every state entry after each one.
 
-    The parameters are those of SHAPES; the (33,) vector has no gradient on every third
-    step (no inner update, still synced). With grad_scaler=True the gradients are scaled by
-    1024, grad_scale/found_inf are passed as GradScaler does, and one step has found_inf set
-    (an inf in a gradient): that step must change nothing."""
+    The parameters are those of SHAPES; the (33,) vector has no gradient on the steps
+    NO_GRAD_STEPS, sync steps among them (no inner update, still synced). With
+    grad_scaler=True the gradients are scaled by 1024, grad_scale/found_inf are passed as
+    GradScaler does, and one step has found_inf set (an inf in a gradient): that step must
+    change nothing."""
     params = make_params(dtype, device, seed)
     ref_params = [p.detach().clone() for p in params]
     kwargs = {"k": k, "alpha": alpha, **variant.kwargs}
@@ -252,7 +259,7 @@ def run_against_reference(
         inf_step = grad_scaler and step == 2
         grads = []
         for i, p in enumerate(params):
-            g = None if (i == NO_GRAD_INDEX and step % 3 == 1) else _grad(p, gen, scale)
+            g = None if (i == NO_GRAD_INDEX and step in NO_GRAD_STEPS) else _grad(p, gen, scale)
             if g is not None and inf_step and i == 0 and g.numel():
                 g.view(-1)[0] = float("inf")
             grads.append(g)

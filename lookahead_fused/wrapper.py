@@ -36,6 +36,14 @@ only tensors, numbers and strings (`torch.load(weights_only=True)` reads it), an
 mid-cycle continues bit for bit. A checkpoint of the inner optimizer alone loads too: the
 count restarts at 0 and φ at θ.
 
+Hooks, as on any torch.optim optimizer: state_dict / load_state_dict pre and post hooks
+registered on the wrapper run around the whole checkpoint (slow weights included), those on
+the inner optimizer around its part. A wrapper step is one optimizer step: the global step
+hooks (`torch.optim.optimizer.register_optimizer_step_pre_hook` / `_post_hook`) run once,
+with the wrapper, and so do the wrapper's own; the inner step inside it runs the inner
+optimizer's own hooks, with the inner optimizer, but not the global ones a second time. An
+LR scheduler may be built on either.
+
 GradScaler: the wrapper does not claim `_step_supports_amp_scaling`, so the scaler unscales
 the gradients itself and calls `step()` only when they are finite: a skipped step does not
 advance the lookahead counter.
@@ -187,11 +195,46 @@ class Lookahead(Optimizer):
             if _COUNT not in group:  # a group added through the inner optimizer
                 self._init_group(group)
         self._init_slow_weights()
-        loss = self.optimizer.step(closure)
+        loss = self._inner_step(closure)
         for group in self.param_groups:
             group[_COUNT] += 1
             if group[_COUNT] % group["k"] == 0:
                 self._sync(group)
+        return loss
+
+    def _inner_step(self, closure: Any) -> Any:
+        """`self.optimizer.step(closure)` as torch.optim's step wrapper (`profile_hook_step`)
+        runs it, less the global hooks: they ran for this step already, with this optimizer,
+        the one the user called. The inner optimizer's own pre hooks (one may replace the
+        closure), its step, the profiler's record and its own post hooks run as in a plain
+        `inner.step()`, with the inner optimizer."""
+        inner = self.optimizer
+        patched = vars(inner).get("step")
+        if patched is not None:
+            if not getattr(patched, "_wrapped_by_lr_sched", False):
+                return patched(closure)  # someone else's wrapper is theirs to run, hooks and all
+            # A scheduler built on the inner optimizer: what its wrapper records, so it does
+            # not warn that its optimizer never stepped.
+            inner._opt_called = True  # type: ignore[attr-defined]
+        step = type(inner).step
+        unhooked = getattr(step, "__wrapped__", None)
+        if not getattr(step, "hooked", False) or unhooked is None:  # no hook wrapper to leave out
+            return step(inner, closure)
+        args: tuple[Any, ...] = (inner, closure)
+        kwargs: dict[str, Any] = {}
+        with torch.autograd.profiler.record_function(f"Optimizer.step#{type(inner).__name__}.step"):
+            for pre_hook in inner._optimizer_step_pre_hooks.values():
+                result = pre_hook(inner, args, kwargs)
+                if result is not None:
+                    if not (isinstance(result, tuple) and len(result) == 2):
+                        raise RuntimeError(
+                            f"{unhooked} must return None or a tuple of (new_args, new_kwargs), but got {result}."
+                        )
+                    args, kwargs = result
+            loss = unhooked(*args, **kwargs)
+            inner._optimizer_step_code()
+            for post_hook in inner._optimizer_step_post_hooks.values():
+                post_hook(inner, args, kwargs)
         return loss
 
     @torch.no_grad()
@@ -264,11 +307,24 @@ class Lookahead(Optimizer):
         )
         return swap_slow_weights(self, pairs)
 
+    @torch._disable_dynamo
     def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state dict, with each parameter's `slow_weights`, its
         group's `lookahead_step` (moved from the group to the parameters, as in the fused
-        classes) and pullback cache added to its state entry."""
-        state_dict = self.optimizer.state_dict()
+        classes) and pullback cache added to its state entry. The state-dict hooks
+        registered on this optimizer run as torch.optim runs them: the pre hooks first, the
+        post hooks on the whole result (one may return the state dict to give instead)."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state_dict = self._state_dict()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def _state_dict(self) -> dict[str, Any]:
+        state_dict = self.optimizer.state_dict()  # runs the inner optimizer's own hooks
         for packed, group in zip(state_dict["param_groups"], self.param_groups, strict=True):
             count = torch.tensor(float(packed.pop(_COUNT, 0)))
             for index, p in zip(packed["params"], group["params"], strict=True):
@@ -278,9 +334,23 @@ class Lookahead(Optimizer):
                     entry[_COUNT] = count.clone()
         return state_dict
 
+    @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a checkpoint of this class, of LookaheadSGD/Adam/AdamW (same layout), or of
-        the inner optimizer alone (the count then restarts at 0, φ at θ at the next step)."""
+        the inner optimizer alone (the count then restarts at 0, φ at θ at the next step).
+        The load hooks registered on this optimizer run as torch.optim runs them: the pre
+        hooks on a shallow copy of the whole checkpoint (one may return the state dict to
+        load instead), the post hooks after everything is loaded."""
+        state_dict = state_dict.copy()  # as torch.optim: a hook may change it in place
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        self._load_state_dict(state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         inner_state: dict[Any, dict[str, Any]] = {}
         lookahead_state: dict[Any, dict[str, Any]] = {}
         for index, entry in state_dict["state"].items():
@@ -289,7 +359,7 @@ class Lookahead(Optimizer):
             rest = {key: v for key, v in entry.items() if key not in mine}
             if rest:  # a parameter the inner optimizer has no state for gets none
                 inner_state[index] = rest
-        self.optimizer.load_state_dict({**state_dict, "state": inner_state})
+        self.optimizer.load_state_dict({**state_dict, "state": inner_state})  # with its own hooks
 
         self._lookahead_state = {}
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups, strict=True):

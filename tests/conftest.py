@@ -8,6 +8,8 @@ but cannot run is a failure (test_expected_backends_are_usable), never a silent 
 from __future__ import annotations
 
 import os
+import random
+import zlib
 
 # The Triton kernels run on CPU tensors through Triton's interpreter: set it before anything
 # imports triton (triton.jit reads it when a kernel is defined). A GPU run can override it.
@@ -33,6 +35,25 @@ def usable_backends() -> list[str]:
 @pytest.fixture(params=usable_backends())
 def backend(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every random generator a test may draw from without a generator of its own."""
+    random.seed(seed)
+    torch.manual_seed(seed)  # the CPU generator and every CUDA device's
+    try:
+        import numpy
+    except ImportError:
+        return
+    numpy.random.seed(seed % 2**32)
+
+
+@pytest.fixture(autouse=True)
+def _seeded_rng(request: pytest.FixtureRequest) -> None:
+    """Every test starts from generators seeded by its own id, so that its random inputs are
+    the same whichever tests ran before it, alone or in the whole suite (`-k`, `-x`, xdist,
+    a reordered file): a failure reproduces with the test's id alone."""
+    seed_everything(zlib.crc32(request.node.nodeid.encode()))
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -63,6 +63,41 @@ def test_state_and_slow_dtype_overrides(backend: str, kind: str) -> None:
         assert value.dtype == want, f"state '{key}' is {value.dtype}"
 
 
+# (parameter dtype, state dtype, slow-weight dtype) that the compiled kernels cover
+# themselves: each of state and φ in fp32 or the parameter's own dtype.
+COMPILED_STORAGE = [
+    (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.bfloat16, torch.float32),
+    (torch.bfloat16, torch.float32, torch.bfloat16),
+    (torch.float16, torch.float16, torch.float16),
+    (torch.float16, torch.float32, torch.float16),
+]
+COMPILED_BACKENDS = ("cpu", "cuda_emulated", "triton")
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+@pytest.mark.parametrize("dtypes", COMPILED_STORAGE, ids=lambda d: "-".join(str(t).split(".")[1] for t in d))
+def test_compiled_kernels_run_their_low_precision_storage(
+    backend: str, kind: str, dtypes: tuple[torch.dtype, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bf16/fp16 state and slow weights (state_dtype=/slow_dtype=) in the kernels' own
+    storage paths, against the reference with the same overrides; on a compiled backend the
+    generic fallbacks are made to fail, so the test cannot pass on them."""
+    dtype, state_dtype, slow_dtype = dtypes
+    if backend in COMPILED_BACKENDS:
+        from lookahead_fused.backends import eager, foreach
+
+        def fell_back(*args, **kwargs):
+            raise AssertionError(f"the {backend} backend fell back instead of running its kernels")
+
+        monkeypatch.setattr(eager, "step", fell_back)
+        monkeypatch.setattr(foreach, "step", fell_back)
+    options = {"lr": 0.01, "state_dtype": state_dtype, "slow_dtype": slow_dtype, "weight_decay": 0.01}
+    if kind == "sgd":
+        options["momentum"] = 0.9
+    _assert_ok(run_against_reference(backend, Variant(kind, tuple(sorted(options.items()))), dtype))
+
+
 # ---------------------------------------------------------------------------------------
 # Side-by-side runs for parameter lists the matrix does not build.
 # ---------------------------------------------------------------------------------------

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from lookahead_fused import Lookahead
 from lookahead_fused.testing import CLASSES, TOLERANCES, Variant, make_params, variants
@@ -483,6 +485,199 @@ def test_lightning_style_attributes_and_hooks() -> None:
     clone.step(lambda: clone.param_groups[0]["params"][0].sum())  # grads are None: counts and syncs
     assert clone.param_groups[0]["lookahead_step"] == 2 and opt.param_groups[0]["lookahead_step"] == 1
     assert clone.param_groups is clone.optimizer.param_groups
+
+
+def _register_state_dict_hooks(opt: torch.optim.Optimizer, log: list) -> None:
+    """Two hooks of each of torch.optim's four state-dict kinds on `opt`, the second one
+    registered with prepend=True; each logs when it runs, with what, and changes the state
+    dict in one of the ways the API allows (in place, or by returning a new one)."""
+
+    def post(o, state_dict):
+        log.append(("post", o, "seen" in state_dict))
+        return {**state_dict, "extra": 1}  # a new dict: the one state_dict() returns
+
+    def post_first(o, state_dict):
+        log.append(("post first", o, "slow_weights" in state_dict["state"][0]))
+        state_dict["seen"] = 1  # in place
+
+    def load_pre(o, state_dict):
+        log.append(("load pre", o, "extra" in state_dict))
+        return {**state_dict, "param_groups": [{**g, "lr": 0.125} for g in state_dict["param_groups"]]}
+
+    def load_pre_first(o, state_dict):
+        log.append(("load pre first", o, "slow_weights" in state_dict["state"][0]))
+        del state_dict["extra"]  # in place, on load_state_dict's shallow copy: the caller's keeps it
+
+    def load_post(o):
+        log.append(("load post", o, o.param_groups[0]["lr"], o.param_groups[0].get("lookahead_step")))
+
+    opt.register_state_dict_pre_hook(lambda o: log.append(("pre", o)))
+    opt.register_state_dict_pre_hook(lambda o: log.append(("pre first", o)), prepend=True)
+    opt.register_state_dict_post_hook(post)
+    opt.register_state_dict_post_hook(post_first, prepend=True)
+    opt.register_load_state_dict_pre_hook(load_pre)
+    opt.register_load_state_dict_pre_hook(load_pre_first, prepend=True)
+    opt.register_load_state_dict_post_hook(load_post)
+    opt.register_load_state_dict_post_hook(lambda o: log.append(("load post first", o)), prepend=True)
+
+
+def test_state_dict_hooks_on_the_wrapper_run_as_in_torch_optim() -> None:
+    """state_dict / load_state_dict pre and post hooks registered on the wrapper run as
+    torch.optim runs them on a plain Adam (same order, prepend honoured, a returned dict
+    replaces the state dict, the load hooks get a shallow copy), and they see the whole
+    checkpoint, slow weights included: the post hook what state_dict() returns, the load pre
+    hook what load_state_dict() is given, the load post hook the loaded counter. Hooks on the
+    inner optimizer keep running, with the inner optimizer, around its own part."""
+    torch.manual_seed(15)
+    logs = {}
+    for name in ("plain", "wrapper"):
+        params = make_params(torch.float32, "cpu")
+        copies = _clone(params)
+        opt = torch.optim.Adam(params, lr=0.01)
+        resumed = torch.optim.Adam(copies, lr=0.01)
+        if name == "wrapper":
+            opt, resumed = Lookahead(opt, k=K, alpha=ALPHA), Lookahead(resumed, k=K, alpha=ALPHA)
+        log: list = []
+        _register_state_dict_hooks(opt, log)
+        _register_state_dict_hooks(resumed, log)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        state_dict = opt.state_dict()
+        assert state_dict["extra"] == 1 and state_dict["seen"] == 1
+        resumed.load_state_dict(state_dict)
+        assert "extra" in state_dict  # the hook deleted it from a copy
+        assert resumed.param_groups[0]["lr"] == 0.125  # the dict load_pre returned was loaded
+        # The log with the optimizers named, and without what only a wrapper has.
+        names = {id(opt): "saved", id(resumed): "resumed"}
+        logs[name] = [(event[0], names[id(event[1])], *event[2:]) for event in log]
+    wrapper_only = [("post first", "saved", True), ("load pre first", "resumed", True)]
+    loaded = ("load post", "resumed", 0.125, 4)
+    assert logs["wrapper"] == [
+        ("pre first", "saved"),
+        ("pre", "saved"),
+        wrapper_only[0],
+        ("post", "saved", True),
+        wrapper_only[1],
+        ("load pre", "resumed", False),
+        ("load post first", "resumed"),
+        loaded,
+    ]
+    plain = [(*e[:2], False) if e[:2] in {w[:2] for w in wrapper_only} else e for e in logs["wrapper"]]
+    plain[-1] = (*loaded[:3], None)  # no lookahead_step in a plain Adam's groups
+    assert logs["plain"] == plain
+
+    # Hooks on the inner optimizer: inside the wrapper's, given the inner part only.
+    params = make_params(torch.float32, "cpu")
+    opt = Lookahead(torch.optim.Adam(params, lr=0.01), k=K, alpha=ALPHA)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    log = []
+    opt.register_state_dict_pre_hook(lambda o: log.append(("pre", o)))
+    opt.register_state_dict_post_hook(lambda o, sd: log.append(("post", o)))
+    opt.register_load_state_dict_pre_hook(lambda o, sd: log.append(("load pre", o)))
+    opt.register_load_state_dict_post_hook(lambda o: log.append(("load post", o)))
+    inner = opt.optimizer
+    inner.register_state_dict_pre_hook(lambda o: log.append(("inner pre", o)))
+    inner.register_state_dict_post_hook(lambda o, sd: log.append(("inner post", o, "slow_weights" in sd["state"][0])))
+    inner.register_load_state_dict_pre_hook(
+        lambda o, sd: log.append(("inner load pre", o, "slow_weights" in sd["state"][0]))
+    )
+    inner.register_load_state_dict_post_hook(lambda o: log.append(("inner load post", o)))
+    opt.load_state_dict(opt.state_dict())
+    assert log == [
+        ("pre", opt),
+        ("inner pre", inner),
+        ("inner post", inner, False),
+        ("post", opt),
+        ("load pre", opt),
+        ("inner load pre", inner, False),
+        ("inner load post", inner),
+        ("load post", opt),
+    ]
+
+
+def _log_step_hooks(opt: torch.optim.Optimizer, log: list, name: str) -> None:
+    opt.register_step_pre_hook(lambda o, args, kwargs: log.append((f"{name} pre", o)))
+    opt.register_step_post_hook(lambda o, args, kwargs: log.append((f"{name} post", o)))
+
+
+def test_global_step_hooks_fire_once_per_step_with_the_wrapper() -> None:
+    """torch.optim runs, for each step() the user calls, the global pre hooks, the
+    optimizer's own pre hooks, the step, its own post hooks and the global post hooks, each
+    once, with the optimizer called. The wrapper's step is that call, the inner step a part
+    of it: the global hooks run once, with the wrapper (not a second time for the inner
+    optimizer); hooks registered on the inner optimizer run around its step with the inner
+    optimizer, as an inner.step() would run them, and a closure one of them substitutes is
+    the one evaluated."""
+    torch.manual_seed(16)
+    params = make_params(torch.float32, "cpu")
+    opt = Lookahead(torch.optim.Adam(params, lr=0.01), k=2, alpha=ALPHA)
+    inner = opt.optimizer
+    log: list = []
+    _log_step_hooks(opt, log, "wrapper")
+    _log_step_hooks(inner, log, "inner")
+    substituted = torch.tensor(3.0)
+    inner.register_step_pre_hook(lambda o, args, kwargs: ((args[0], lambda: substituted), kwargs))
+    handles = [
+        register_optimizer_step_pre_hook(lambda o, a, kw: log.append(("global pre", o))),
+        register_optimizer_step_post_hook(lambda o, a, kw: log.append(("global post", o))),
+    ]
+    try:
+        for step in range(3):  # the second one syncs
+            for p in params:
+                p.grad = torch.randn_like(p)
+            del log[:]
+            loss = opt.step(lambda: torch.tensor(1.0))
+            assert loss is substituted
+            who = {id(opt): "wrapper", id(inner): "inner"}
+            assert [(event, who[id(o)]) for event, o in log] == [
+                ("global pre", "wrapper"),
+                ("wrapper pre", "wrapper"),
+                ("inner pre", "inner"),
+                ("inner post", "inner"),
+                ("wrapper post", "wrapper"),
+                ("global post", "wrapper"),
+            ], f"step {step + 1}"
+        assert opt.param_groups[0]["lookahead_step"] == 3
+        assert all(len(inner.state[p]) == 3 for p in params)  # the inner step ran, once a step
+        assert inner.state[params[0]]["step"] == 3
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("built_on", ["wrapper", "inner"])
+def test_lr_scheduler_sees_the_step_without_warning(built_on: str) -> None:
+    """LRScheduler wraps `optimizer.step` to note that it ran, and warns ("Detected call of
+    `lr_scheduler.step()` before `optimizer.step()`") when it did not: built on the wrapper
+    or on the inner optimizer, a scheduler sees every wrapper step, warns nothing and sets
+    the learning rate the inner optimizer uses; the global hooks still run once a step."""
+    torch.manual_seed(17)
+    params = make_params(torch.float32, "cpu")
+    opt = Lookahead(torch.optim.SGD(params, lr=0.1), k=2, alpha=ALPHA)
+    calls = []
+    handle = register_optimizer_step_pre_hook(lambda o, a, kw: calls.append(o))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            sched = torch.optim.lr_scheduler.StepLR(opt if built_on == "wrapper" else opt.optimizer, 1, gamma=0.5)
+            lrs = []
+            for _ in range(3):
+                for p in params:
+                    p.grad = torch.ones_like(p)
+                before = params[0].detach().clone()
+                opt.step()
+                lrs.append(opt.optimizer.param_groups[0]["lr"])
+                if opt.param_groups[0]["lookahead_step"] % 2:  # no sync: θ moved by lr * grad
+                    torch.testing.assert_close(params[0].detach(), before - lrs[-1])
+                sched.step()
+    finally:
+        handle.remove()
+    assert lrs == [0.1, 0.05, 0.025]
+    assert [o is opt for o in calls] == [True] * 3
 
 
 @pytest.mark.parametrize(
