@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import zlib
+from typing import Any
 
 # The Triton kernels run on CPU tensors through Triton's interpreter: set it before anything
 # imports triton (triton.jit reads it when a kernel is defined). A GPU run can override it.
@@ -67,3 +69,14 @@ def pytest_report_header(config: pytest.Config) -> str:
 def pytest_configure(config: pytest.Config) -> None:
     # `pytest -m gpu` runs the tests that need a CUDA GPU (bench/gpu_report.sh does, on a GPU machine).
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped with the reason 'needs a CUDA GPU' without one")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """What the property-based fuzz's examples reached, per backend (tests/test_fuzz.py)."""
+    fuzz = sys.modules.get("tests.test_fuzz")
+    coverage = getattr(fuzz, "COVERAGE", None)
+    if not coverage:
+        return
+    terminalreporter.section("fuzz coverage (tests/test_fuzz.py)")
+    for backend, seen in coverage.items():
+        terminalreporter.write_line(f"{backend}: " + ", ".join(f"{what} {n}" for what, n in seen.items()))

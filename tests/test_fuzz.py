@@ -4,7 +4,11 @@ Hypothesis draws whole short training runs: 1-6 parameters of random shapes (0-d
 odd sizes up to MAX_NUMEL elements, 1-4 dims, channels-last 4-d) and dtypes (fp32, bf16,
 fp16, mixed within the group, hence several buckets), an inner optimizer with random flags,
 k, alpha, 1-15 steps, which parameters have no gradient in which step, optional GradScaler
-inputs with inf steps, and a checkpoint/resume point. The backend's parameters and every
+inputs with inf steps, and a checkpoint/resume point; now and then a tensor of more than
+LARGE_NUMEL elements (several work chunks on every backend: 65,536 elements on the CPU and
+under the Triton interpreter, 256 in the CUDA emulation), a second param group with its own
+k and alpha, capturable=True, a tensor lr, and state_dtype/slow_dtype overrides. The
+backend's parameters and every
 state entry must match `lookahead_fused.reference` after every step within
 `lookahead_fused.testing.TOLERANCES`, including after the run was interrupted, saved through
 torch.save / torch.load(weights_only=True) and resumed in a new optimizer.
@@ -23,12 +27,19 @@ Generator choices, made so that the tolerances stay meaningful:
     python -m pytest tests/test_fuzz.py                          # "ci": 40 examples per backend,
                                                                  # derandomized: CI is reproducible
     LOOKAHEAD_FUSED_FUZZ=long python -m pytest tests/test_fuzz.py  # 2000 random examples per backend
+
+What the examples reached (how many had a sync step that moved the weights, how many had a
+multi-chunk tensor, two groups, ...) is printed per backend at the end of the session
+(COVERAGE, tests/conftest.py's terminal summary).
 """
 
 from __future__ import annotations
 
 import io
+import itertools
+import math
 import os
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +63,11 @@ if _PROFILE not in ("ci", "long"):
 FUZZ_SETTINGS = settings.get_profile(f"lookahead_fused_fuzz_{_PROFILE}")
 
 MAX_NUMEL = 4096
+# A "large" tensor: more than one work chunk on every backend (the CPU's and the Triton
+# interpreter's chunk is 65,536 elements), drawn rarely (it costs the interpreter seconds).
+LARGE_NUMEL = 65536
+# backend -> what its examples reached (printed by tests/conftest.py at the end of the run).
+COVERAGE: defaultdict[str, Counter] = defaultdict(Counter)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the first is what a failure shrinks to
 GRAD_MAGNITUDES = (1.0, 0.1, 0.01)
 
@@ -76,6 +92,10 @@ class Case:
     found_inf: tuple[bool, ...]  # per step; an inf is put in a gradient where possible
     resume_at: int | None  # before this step: state_dict -> bytes -> a new optimizer
     seed: int
+    # The parameters from this index on form a second group with these k and alpha (None: one group).
+    split: int | None = None
+    second: dict[str, Any] | None = None
+    tensor_lr: bool = False  # lr given as a 0-dim tensor
 
 
 # -- strategies ----------------------------------------------------------------------------
@@ -97,6 +117,8 @@ def shapes(draw: st.DrawFn) -> tuple[int, ...]:
 
 @st.composite
 def tensor_specs(draw: st.DrawFn) -> TensorSpec:
+    if draw(st.sampled_from((False,) * 15 + (True,))):  # one in 16: several chunks
+        return TensorSpec((LARGE_NUMEL + draw(st.integers(1, 700)),), draw(st.sampled_from(DTYPES)))
     shape = draw(shapes())
     channels_last = len(shape) == 4 and draw(st.booleans())
     return TensorSpec(
@@ -152,7 +174,13 @@ def cases(draw: st.DrawFn) -> Case:
         alpha=draw(st.floats(1e-3, 1.0)),
         inner_state=draw(st.sampled_from(("maintain", "reset", "pullback"))),
     )
+    options["capturable"] = draw(st.booleans())
+    if draw(st.sampled_from((False, False, True))):  # state and slow weights in other dtypes
+        overrides = st.sampled_from((None, torch.float32, torch.bfloat16, torch.float16))
+        options.update(state_dtype=draw(overrides), slow_dtype=draw(overrides))
     tensors = tuple(draw(st.lists(tensor_specs(), min_size=1, max_size=6)))
+    split = draw(st.none() | st.integers(1, len(tensors) - 1)) if len(tensors) > 1 else None
+    second = None if split is None else dict(k=draw(st.integers(1, 6)), alpha=draw(st.floats(1e-3, 1.0)))
     steps = draw(st.integers(1, 15))
     per_step = lambda elements: st.lists(elements, min_size=steps, max_size=steps).map(tuple)
     no_grad = draw(per_step(st.lists(st.booleans(), min_size=len(tensors), max_size=len(tensors)).map(tuple)))
@@ -169,6 +197,9 @@ def cases(draw: st.DrawFn) -> Case:
         found_inf=found_inf,
         resume_at=draw(st.none() | st.integers(0, steps - 1)),
         seed=draw(st.integers(0, 2**32 - 1)),
+        split=split,
+        second=second,
+        tensor_lr=draw(st.booleans()),
     )
 
 
@@ -202,6 +233,16 @@ def _make_grads(case: Case, step: int, gen: torch.Generator) -> list[Tensor | No
     return grads
 
 
+def _build(case: Case, params: list[Tensor], backend: str) -> torch.optim.Optimizer:
+    options = dict(case.options)
+    if case.tensor_lr:
+        options["lr"] = torch.tensor(options["lr"])
+    if case.split is None:
+        return CLASSES[case.kind](params, backend=backend, **options)
+    groups = [{"params": params[: case.split]}, {"params": params[case.split :], **(case.second or {})}]
+    return CLASSES[case.kind](groups, backend=backend, **options)
+
+
 def _resume(
     opt: torch.optim.Optimizer, params: list[Tensor], backend: str, case: Case
 ) -> tuple[torch.optim.Optimizer, list[Tensor]]:
@@ -212,7 +253,7 @@ def _resume(
     buffer.seek(0)
     state_dict = torch.load(buffer, weights_only=True)
     params = [p.detach().clone().requires_grad_() for p in params]  # clone keeps channels-last
-    opt = CLASSES[case.kind](params, backend=backend, **case.options)
+    opt = _build(case, params, backend)
     opt.load_state_dict(state_dict)
     return opt, params
 
@@ -223,11 +264,15 @@ def run_case(backend: str, case: Case) -> Report:
     gen = torch.Generator().manual_seed(case.seed)
     params = _make_params(case, gen)
     ref_params = [p.detach().clone() for p in params]
-    opt = CLASSES[case.kind](params, backend=backend, **case.options)
-    hyper = {key: value for key, value in opt.param_groups[0].items() if key != "params"}
-    ref_states = reference_states(case.kind, ref_params, hyper)
+    opt = _build(case, params, backend)
+    bounds = [0, len(params)] if case.split is None else [0, case.split, len(params)]
+    groups = []  # (first, end, hyperparameters) of each group, for the reference
+    for (first, end), group in zip(itertools.pairwise(bounds), opt.param_groups, strict=True):
+        groups.append((first, end, {key: value for key, value in group.items() if key != "params"}))
+    ref_states = [s for first, end, hyper in groups for s in reference_states(case.kind, ref_params[first:end], hyper)]
 
     report = Report()
+    live_syncs = 0
     for step in range(case.steps):
         if step == case.resume_at:
             opt, params = _resume(opt, params, backend, case)
@@ -242,12 +287,32 @@ def run_case(backend: str, case: Case) -> Report:
         opt.step()
         if grad_scale is not None:
             del opt.grad_scale, opt.found_inf
-        reference.step_group(
-            case.kind, ref_params, grads, ref_states, hyper, grad_scale=grad_scale, found_inf=found_inf
-        )
+        for first, end, hyper in groups:
+            states = ref_states[first:end]
+            before = int(states[0]["lookahead_step"]) if states else 0
+            reference.step_group(
+                case.kind, ref_params[first:end], grads[first:end], states, hyper,
+                grad_scale=grad_scale, found_inf=found_inf,
+            )  # fmt: skip
+            if states and int(states[0]["lookahead_step"]) != before and (before + 1) % hyper["k"] == 0:
+                live_syncs += 1  # a sync that ran (not skipped by found_inf)
 
         compare_step(report, step + 1, opt, params, ref_params, ref_states)
+    _record(backend, case, live_syncs)
     return report
+
+
+def _record(backend: str, case: Case, live_syncs: int) -> None:
+    seen = COVERAGE[backend]
+    seen["examples"] += 1
+    seen["with a live sync"] += live_syncs > 0
+    seen["multi-chunk tensor"] += any(math.prod(t.shape) > LARGE_NUMEL for t in case.tensors)
+    seen["two groups"] += case.split is not None
+    seen["capturable"] += bool(case.options.get("capturable"))
+    seen["tensor lr"] += case.tensor_lr
+    seen["dtype overrides"] += any(case.options.get(k) is not None for k in ("state_dtype", "slow_dtype"))
+    seen["GradScaler"] += case.grad_scale is not None
+    seen["resumed"] += case.resume_at is not None
 
 
 @pytest.mark.parametrize("backend", usable_backends())
