@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _ops, backends
-from ._buckets import COUNTER_KEYS, Bucket, build_buckets
+from ._buckets import COUNTER_KEYS, Bucket, build_buckets, is_sharded
 from ._swap import swap_slow_weights
 
 INNER_STATES = ("maintain", "reset", "pullback")
@@ -54,6 +54,26 @@ def _check_group_common(group: dict[str, Any]) -> None:
             raise ValueError(f"Invalid {key}: {group[key]} (a floating dtype: float32, float64, bfloat16, float16)")
 
 
+def _refuse_sharded_adaptive_alpha(who: str, index: int) -> None:
+    """Refuse adaptive alpha for a group with sharded parameters (DTensors, as FSDP2's
+    `fully_shard` makes them). α̂ comes from two dot products over every element of the group
+    (reference.adaptive_alpha), but the buckets work on each rank's local shards with no
+    communication: each rank would compute its own α̂ from its own shards, so the ranks' slow
+    weights would drift apart from one process's run (measured: 8.1e-3 after 6 steps on two
+    ranks). Summing the two dot products over the mesh (an all-reduce at every sync) would be
+    the real fix, but it is not done here: it puts a collective inside step(), which then blocks
+    unless every rank steps every group together, and each backend forms the sums in its own
+    device reduction (the CUDA kernel's two stages, Triton's, the C++ backend's), which would
+    each need a hook between the reduction and the sync. Refused, the combination cannot
+    silently train something other than the single-process optimizer."""
+    raise ValueError(
+        f"{who}: adaptive_alpha=True is not supported with sharded (DTensor) parameters, as FSDP2's "
+        f"fully_shard makes them (param group {index}): each rank holds only its shards, so each would "
+        "compute its own adaptive alpha from part of the group. Use adaptive_alpha=False (a fixed alpha) "
+        "for sharded parameters"
+    )
+
+
 class _LookaheadOptimizer(Optimizer):
     """Shared machinery. Subclasses set `_kind` and validate their own hyperparameters."""
 
@@ -86,6 +106,8 @@ class _LookaheadOptimizer(Optimizer):
                     raise ValueError(f"{type(self).__name__} supports floating-point parameters only, got {p.dtype}")
                 if p.layout != torch.strided:  # the state is flat, dense buffers beside p
                     raise ValueError(f"{type(self).__name__} supports dense parameters only, got layout {p.layout}")
+            if group.get("adaptive_alpha", False) and any(map(is_sharded, group["params"])):
+                _refuse_sharded_adaptive_alpha(type(self).__name__, len(self.param_groups) - 1)
             if hasattr(self, "_backend"):  # a group added after construction may bring a new device
                 self._backend = backends.resolve(self._backend_request, self._devices())
         except (ValueError, RuntimeError):
@@ -115,15 +137,17 @@ class _LookaheadOptimizer(Optimizer):
     def _devices(self) -> set[torch.device]:
         return {p.device for g in self.param_groups for p in g["params"]}
 
-    def _buckets(self, index: int) -> list[Bucket]:
+    def _buckets(self, index: int, members: tuple[int, ...] | None = None) -> list[Bucket]:
         """The buckets of param group `index`, (re)built when the group changed: new
-        parameters, a parameter whose dtype or device changed, state loaded from a checkpoint."""
+        parameters, a parameter whose dtype or device changed, state loaded from a checkpoint.
+        `members`: the ids of the group's parameters, when the caller has them already."""
         while len(self._group_buckets) < len(self.param_groups):
             self._group_buckets.append(None)
             self._group_members.append(None)
         group = self.param_groups[index]
         # The buckets hold their parameters, so equal ids mean the very same tensors.
-        members = tuple(map(id, group["params"]))
+        if members is None:
+            members = tuple(map(id, group["params"]))
         buckets = self._group_buckets[index]
         if buckets is not None and self._group_members[index] == members and not any(b.moved() for b in buckets):
             return buckets
@@ -133,6 +157,16 @@ class _LookaheadOptimizer(Optimizer):
         self._group_buckets[index], self._group_members[index] = buckets, members
         self._backend = backends.resolve(self._backend_request, self._devices())
         return buckets
+
+    def _has_sharded(self, index: int, members: tuple[int, ...]) -> bool:
+        """Whether param group `index` holds a sharded (DTensor) parameter: read from its
+        buckets while they were built for these very parameters (a tensor never changes class),
+        else by looking at every parameter."""
+        if index < len(self._group_buckets) and self._group_members[index] == members:
+            buckets = self._group_buckets[index]
+            if buckets is not None:
+                return any(b.owners is not None for b in buckets)
+        return any(map(is_sharded, self.param_groups[index]["params"]))
 
     def _init_group(self) -> str:
         """Dynamo's hook for an optimizer's lazy state: a compiled `step()` calls it, and Dynamo
@@ -161,12 +195,19 @@ class _LookaheadOptimizer(Optimizer):
             _ops.traced_step(self, grad_scale, found_inf)
             return loss
         who = type(self).__name__
+        # The settings of every group are checked before any state is built or anything is
+        # updated (adaptive_alpha may have been switched on in param_groups). Under
+        # torch.compile, `_ops.plan` refuses sharded parameters altogether.
+        members = [tuple(map(id, group["params"])) for group in self.param_groups]
+        for index, group in enumerate(self.param_groups):
+            if group.get("adaptive_alpha", False) and self._has_sharded(index, members[index]):
+                _refuse_sharded_adaptive_alpha(who, index)
         # Every gradient of every group is checked before anything is updated: a bad gradient
         # in the last group must not leave the first ones stepped.
         work = []
         for index, group in enumerate(self.param_groups):
             if group["params"]:
-                buckets = self._buckets(index)
+                buckets = self._buckets(index, members[index])
                 work.append((group, buckets, [b.grads(who) for b in buckets]))
         step_group = backends.get(self._backend).step
         for group, buckets, grads in work:
@@ -237,6 +278,31 @@ class _LookaheadOptimizer(Optimizer):
         )
         with swap_slow_weights(self, pairs):
             yield
+
+    @torch.no_grad()
+    def sync_lookahead(self) -> None:
+        """A sync now, out of schedule, as timm's `Lookahead.sync_lookahead` (which timm's
+        train.py calls after each epoch, before evaluating and saving): for every parameter
+        that has stepped, φ ← φ + α (θ − φ), θ ← φ, then the group's inner_state policy
+        (`reference.lookahead_sync`). Afterwards the parameters hold the new φ, so the model
+        evaluates and saves the slow weights, and training goes on from there. The counter is
+        left alone, as in timm: the next scheduled sync stays at the next multiple of k. A
+        group with adaptive_alpha uses its fixed alpha (α̂ needs the last step's gradients).
+        To evaluate φ without changing the run, use `slow_weights()` instead."""
+        if self._in_slow_weights:
+            raise RuntimeError("sync_lookahead() inside `with optimizer.slow_weights():`")
+        from .reference import lookahead_sync
+
+        for index, group in enumerate(self.param_groups):
+            if not group["params"] or not any(p in self.state for p in group["params"]):
+                continue  # nothing stepped: φ = θ
+            _check_lookahead(group)
+            for b in self._buckets(index):
+                for p in b.owners or b.params:
+                    lookahead_sync(
+                        p, self.state[p], alpha=group["alpha"], inner_state=group["inner_state"], optimizer=self._kind
+                    )
+                b.host_count = None  # state moved outside a backend (reset zeroes `step`): re-read it
 
 
 class LookaheadSGD(_LookaheadOptimizer):

@@ -10,7 +10,10 @@ in DDP and, separately, with FSDP2's `fully_shard`, and saves what the test comp
 - `fsdp-<backend>-<kind>-rank<r>.pt`: the full (all-gathered) parameters and the full
   optimizer state after STEPS steps, straight through, and the same after a round trip
   through torch.distributed.checkpoint at step RESUME_AT into a freshly built model and
-  optimizer (initialised from another seed, so only the checkpoint can make them agree).
+  optimizer (initialised from another seed, so only the checkpoint can make them agree);
+- `adaptive-rank<r>.pt` (with the first backend only): what adaptive α with FSDP2 (refused: each rank would pick
+  its own α̂ from its shards) raised at each way in (`run_fsdp_adaptive`), with this rank's
+  local shards and optimizer state before and after the refused step.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from lookahead_fused import LookaheadAdam, LookaheadSGD
+from lookahead_fused import LookaheadAdam, LookaheadAdamW, LookaheadSGD
 
 KINDS = ("sgd", "adam")
 STEPS = 8  # k = 3: syncs after steps 3 and 6, and two steps into the third cycle
@@ -128,6 +131,48 @@ def run_fsdp(out: Path, backend: str, kind: str, rank: int, world: int) -> None:
     torch.save(record, out / f"fsdp-{backend}-{kind}-rank{rank}.pt")
 
 
+def refusal(make: Any) -> str | None:
+    """The message of the ValueError or RuntimeError that make() raises; None if it raises none."""
+    try:
+        make()
+    except (ValueError, RuntimeError) as err:
+        return str(err)
+    return None
+
+
+def local_snapshot(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """This rank's shards of the parameters and of the optimizer state (no communication)."""
+    mine = lambda t: (t.to_local() if isinstance(t, DTensor) else t).detach().clone()  # noqa: E731
+    index = {id(p): i for i, p in enumerate(model.parameters())}
+    return {
+        "params": [mine(p) for p in model.parameters()],
+        "state": {index[id(p)]: {k: mine(v) for k, v in s.items()} for p, s in opt.state.items()},
+    }
+
+
+def run_fsdp_adaptive(out: Path, backend: str, rank: int, world: int) -> None:
+    """Adaptive α with sharded parameters, every way in: the constructor, add_param_group,
+    and adaptive_alpha switched on in param_groups before the first step and before a sync."""
+    model = sharded_model(seed=0)
+    first, second = [list(layer.parameters()) for layer in (model[0], model[2])]
+    record: dict[str, Any] = {}
+    record["constructor"] = refusal(lambda: LookaheadAdam(model.parameters(), adaptive_alpha=True, backend=backend))
+    opt = LookaheadAdamW(first, lr=0.01, k=3, backend=backend)
+    record["add_param_group"] = refusal(lambda: opt.add_param_group({"params": second, "adaptive_alpha": True}))
+    record["groups_after_add"] = len(opt.param_groups)
+    for when, steps in (("first_step", 0), ("sync_step", 2)):
+        opt = make_optimizer("adam", model.parameters(), backend)  # k = 3: the third step syncs
+        train(model, opt, range(steps), rank, world)
+        x, y = local_batch(steps, rank, world)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        record[f"{when}_before"] = local_snapshot(model, opt)
+        opt.param_groups[0]["adaptive_alpha"] = True
+        record[when] = refusal(opt.step)
+        record[f"{when}_after"] = local_snapshot(model, opt)
+        opt.zero_grad(set_to_none=True)
+    torch.save(record, out / f"adaptive-rank{rank}.pt")
+
+
 def main() -> None:
     out, backends = Path(sys.argv[1]), sys.argv[2:]
     dist.init_process_group("gloo")
@@ -137,6 +182,8 @@ def main() -> None:
             for kind in KINDS:
                 run_ddp(out, backend, kind, rank, world)
                 run_fsdp(out, backend, kind, rank, world)
+        # The refusal comes before any backend is called: one backend shows it.
+        run_fsdp_adaptive(out, backends[0], rank, world)
     finally:
         dist.barrier()  # without it gloo sometimes aborts in destroy_process_group
         dist.destroy_process_group()

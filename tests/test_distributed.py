@@ -7,16 +7,21 @@ every backend usable here with LookaheadSGD and LookaheadAdam; this module check
 
 - DDP: the two ranks end with bit-identical parameters and optimizer state, equal (within
   the fp32 tolerance: the all-reduce sums in another order) to one process stepping the
-  same optimizer on the combined batch;
+  same optimizer on the combined batch, with the same backend and with the reference
+  (backend "eager", lookahead_fused.reference);
 - FSDP2: the optimizer state is sharded like the parameters (DTensors), the gathered
-  parameters equal the single-process run, `slow_weights()` reaches the sharded storage
-  that FSDP2 gathers from, and a round trip through torch.distributed.checkpoint in the
-  middle of a Lookahead cycle resumes bit for bit.
+  parameters equal the single-process runs (same backend, reference), `slow_weights()`
+  reaches the sharded storage that FSDP2 gathers from, and a round trip through
+  torch.distributed.checkpoint in the middle of a Lookahead cycle resumes bit for bit;
+- FSDP2 with adaptive_alpha=True is refused on every rank, at every way in, before anything
+  changes (α̂ needs dot products over whole groups, and each rank holds only its shards).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -57,8 +62,10 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@functools.cache
 def _single_process(kind: str, backend: str) -> tuple[list[torch.Tensor], torch.optim.Optimizer]:
-    """The same training in one process on the whole batch."""
+    """The same training in one process on the whole batch (cached: the DDP and FSDP2 tests
+    of every backend compare with the reference's run)."""
     model = make_model(seed=0)
     opt = make_optimizer(kind, model.parameters(), backend)
     for step in range(STEPS):
@@ -84,7 +91,8 @@ def _assert_state_close(got: dict[int, dict[str, torch.Tensor]], opt: torch.opti
         want = opt.state[p]
         assert set(got[i]) == set(want)
         for key, value in want.items():
-            torch.testing.assert_close(got[i][key], value, **TOL, msg=f"param {i} state {key}")
+            where = f"vs {opt.backend}: param {i} state {key}"
+            torch.testing.assert_close(got[i][key], value, **TOL, msg=lambda m, where=where: f"{where}: {m}")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -92,9 +100,10 @@ def _assert_state_close(got: dict[int, dict[str, torch.Tensor]], opt: torch.opti
 def test_ddp_ranks_identical_and_equal_to_one_process(results: Path, backend: str, kind: str) -> None:
     ranks = _load(results, f"ddp-{backend}-{kind}")
     _assert_bitwise(ranks[0], ranks[1])
-    params, opt = _single_process(kind, backend)
-    torch.testing.assert_close(ranks[0]["params"], params, **TOL)
-    _assert_state_close(ranks[0]["state"], opt)
+    for single in dict.fromkeys((backend, "eager")):  # the same backend, and the reference
+        params, opt = _single_process(kind, single)
+        torch.testing.assert_close(ranks[0]["params"], params, **TOL, msg=lambda m, single=single: f"vs {single}: {m}")
+        _assert_state_close(ranks[0]["state"], opt)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -102,6 +111,9 @@ def test_ddp_ranks_identical_and_equal_to_one_process(results: Path, backend: st
 def test_fsdp2_shards_equal_one_process(results: Path, backend: str, kind: str) -> None:
     ranks = _load(results, f"fsdp-{backend}-{kind}")
     _assert_bitwise(ranks[0]["params"], ranks[1]["params"])  # gathered: the same on every rank
+    reference_params, reference_opt = _single_process(kind, "eager")
+    torch.testing.assert_close(ranks[0]["params"], reference_params, **TOL, msg=lambda m: f"vs eager: {m}")
+    _assert_state_close(ranks[0]["state"], reference_opt)
     params, opt = _single_process(kind, backend)
     torch.testing.assert_close(ranks[0]["params"], params, **TOL)
     _assert_state_close(ranks[0]["state"], opt)
@@ -118,3 +130,24 @@ def test_fsdp2_distributed_checkpoint_resumes_mid_cycle(results: Path, backend: 
     for rank in _load(results, f"fsdp-{backend}-{kind}"):
         _assert_bitwise(rank["resumed"], rank["params"])
         _assert_bitwise(rank["resumed_state"], rank["state"])
+
+
+# What every refusal of adaptive α with sharded parameters must say.
+_ADAPTIVE_REFUSAL = [r"adaptive_alpha=True", r"sharded \(DTensor\) parameters", r"adaptive_alpha=False"]
+
+
+def test_fsdp2_adaptive_alpha_refused_before_any_change(results: Path) -> None:
+    """Adaptive α reduces over whole groups, which no rank holds under FSDP2: refused on every
+    rank, in the constructor, add_param_group (the group is not added), and in step() when
+    switched on in param_groups, before the first step or a sync, with nothing changed. The
+    worker tries it with the first backend only: the refusal comes before any backend runs."""
+    for rank, record in enumerate(_load(results, "adaptive")):
+        for way in ("constructor", "add_param_group", "first_step", "sync_step"):
+            message = record[way]
+            assert message is not None, f"rank {rank}: {way} accepted adaptive_alpha with sharded parameters"
+            for pattern in _ADAPTIVE_REFUSAL:
+                assert re.search(pattern, message), f"rank {rank}: {way}: {message!r} lacks {pattern!r}"
+        assert record["groups_after_add"] == 1, "the refused group stayed in param_groups"
+        assert record["first_step_after"]["state"] == {}, "the refused first step built optimizer state"
+        for way in ("first_step", "sync_step"):
+            _assert_bitwise(record[f"{way}_after"], record[f"{way}_before"])
