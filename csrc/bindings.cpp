@@ -29,9 +29,9 @@ py::dict build_info() {
   info["compiler"] = LOOKAHEAD_FUSED_COMPILER;  // "<CMake compiler id> <version>"
   info["flags"] = LOOKAHEAD_FUSED_CXX_FLAGS;
   info["cpu_kernel_flags"] = LOOKAHEAD_FUSED_CPU_KERNEL_FLAGS;  // plus each level's -march=
-  info["cpu_arch"] = LOOKAHEAD_FUSED_CPU_ARCH;                   // "dispatch", or the -march= of one build
-  info["cpu_isas"] = cpu_isa_list(false);                         // the levels built, lowest first
-  info["cpu_isas_supported"] = cpu_isa_list(true);                // those this CPU runs
+  info["cpu_arch"] = LOOKAHEAD_FUSED_CPU_ARCH;                  // "dispatch", or the -march= of one build
+  info["cpu_isas"] = cpu_isa_list(false);                       // the levels built, lowest first
+  info["cpu_isas_supported"] = cpu_isa_list(true);              // those this CPU runs
   const IsaInfo selected = isa_info(selected_isa());
   info["cpu_isa"] = selected.name;  // the level the kernels run
   info["simd"] = selected.simd;     // its widest SIMD extension
@@ -53,20 +53,18 @@ template <void (*kStep)(const lookahead_fused::gpu::LaunchArgs&),
 void def_kernel_api(py::module_& m, const std::string& prefix, const char* what) {
   using lookahead_fused::gpu::FinalizeArgs;
   using lookahead_fused::gpu::LaunchArgs;
-  m.def(
-      (prefix + "step").c_str(),
-      [](const LaunchArgs& a) {
-        py::gil_scoped_release no_gil;
-        kStep(a);
-      },
-      py::arg("args"), (std::string("One fused step of one bucket: ") + what).c_str());
-  m.def(
-      (prefix + "finalize_alpha").c_str(),
-      [](const FinalizeArgs& a) {
-        py::gil_scoped_release no_gil;
-        kFinalize(a);
-      },
-      py::arg("args"), "Adaptive alpha of a group from its buckets' partial sums (device-side).");
+  m.def((prefix + "step").c_str(),
+        [](const LaunchArgs& a) {
+          py::gil_scoped_release no_gil;
+          kStep(a);
+        },
+        py::arg("args"), (std::string("One fused step of one bucket: ") + what).c_str());
+  m.def((prefix + "finalize_alpha").c_str(),
+        [](const FinalizeArgs& a) {
+          py::gil_scoped_release no_gil;
+          kFinalize(a);
+        },
+        py::arg("args"), "Adaptive alpha of a group from its buckets' partial sums (device-side).");
 }
 
 void def_gpu_interface(py::module_& m) {
@@ -80,14 +78,15 @@ void def_gpu_interface(py::module_& m) {
   py::class_<gpu::LaunchArgs>(m, "LaunchArgs", "Device addresses, sizes and hyperparameters of one bucket's launch.")
       .def(py::init<>())  //
       LAF_FIELD(segments) LAF_FIELD(num_segments) LAF_FIELD(chunks) LAF_FIELD(num_chunks) LAF_FIELD(chunk_size)
-      LAF_FIELD(grid) LAF_FIELD(block) LAF_FIELD(kind) LAF_FIELD(phase) LAF_FIELD(inner_state)
-      LAF_FIELD(param_dtype) LAF_FIELD(state_dtype) LAF_FIELD(slow_dtype) LAF_FIELD(momentum) LAF_FIELD(exp_avg_sq)
-      LAF_FIELD(max_exp_avg_sq) LAF_FIELD(cached_momentum) LAF_FIELD(slow) LAF_FIELD(step) LAF_FIELD(lookahead_step)
-      LAF_FIELD(lr_ptr) LAF_FIELD(lr_is_double) LAF_FIELD(grad_scale_ptr) LAF_FIELD(found_inf_ptr)
-      LAF_FIELD(alpha_ptr) LAF_FIELD(partials) LAF_FIELD(lr) LAF_FIELD(momentum_coef) LAF_FIELD(dampening)
-      LAF_FIELD(weight_decay) LAF_FIELD(nesterov) LAF_FIELD(maximize) LAF_FIELD(amsgrad) LAF_FIELD(beta1)
-      LAF_FIELD(beta2) LAF_FIELD(eps) LAF_FIELD(alpha) LAF_FIELD(k) LAF_FIELD(advance_counters) LAF_FIELD(stream)
-      LAF_FIELD(device);
+          LAF_FIELD(grid) LAF_FIELD(block) LAF_FIELD(kind) LAF_FIELD(phase) LAF_FIELD(inner_state)
+              LAF_FIELD(param_dtype) LAF_FIELD(state_dtype) LAF_FIELD(slow_dtype) LAF_FIELD(momentum)
+                  LAF_FIELD(exp_avg_sq) LAF_FIELD(max_exp_avg_sq) LAF_FIELD(cached_momentum) LAF_FIELD(slow)
+                      LAF_FIELD(step) LAF_FIELD(lookahead_step) LAF_FIELD(lr_ptr) LAF_FIELD(lr_is_double)
+                          LAF_FIELD(grad_scale_ptr) LAF_FIELD(found_inf_ptr) LAF_FIELD(alpha_ptr) LAF_FIELD(partials)
+                              LAF_FIELD(lr) LAF_FIELD(momentum_coef) LAF_FIELD(dampening) LAF_FIELD(weight_decay)
+                                  LAF_FIELD(nesterov) LAF_FIELD(maximize) LAF_FIELD(amsgrad) LAF_FIELD(beta1)
+                                      LAF_FIELD(beta2) LAF_FIELD(eps) LAF_FIELD(alpha) LAF_FIELD(k)
+                                          LAF_FIELD(advance_counters) LAF_FIELD(stream) LAF_FIELD(device);
 #undef LAF_FIELD
   py::class_<gpu::FinalizeArgs>(m, "FinalizeArgs", "Inputs of adaptive alpha's second reduction stage.")
       .def(py::init<>())

@@ -186,8 +186,8 @@ StepResult run(const StepArgs& a, Context& c) {
     const int64_t lo = k * chunk;
     const int64_t hi = std::min(lo + chunk, a.numel);
     // The last parameter starting at or before lo (zero-size parameters are skipped below).
-    int64_t s = std::upper_bound(segs, segs + n_seg, lo, [](int64_t x, const Segment& r) { return x < r.offset; }) -
-                segs - 1;
+    int64_t s =
+        std::upper_bound(segs, segs + n_seg, lo, [](int64_t x, const Segment& r) { return x < r.offset; }) - segs - 1;
     AlphaDots dots{0.0, 0.0};
     for (; s < n_seg && segs[s].offset < hi; ++s) {
       const int64_t begin = std::max(lo, segs[s].offset) - segs[s].offset;
@@ -240,23 +240,23 @@ StepResult lookahead_step(const StepArgs& a) {
   if (a.num_segments < 0 || a.numel < 0) throw std::invalid_argument("negative sizes");
   if (a.table == 0 && a.num_segments > 0) throw std::invalid_argument("null segment table");
   if (a.step == 0 && a.num_segments > 0) throw std::invalid_argument("null step counters");
-  if (a.slow == 0 && a.numel > 0 && a.phase != Phase::kPlain)
-    throw std::invalid_argument("null slow weights");
+  if (a.slow == 0 && a.numel > 0 && a.phase != Phase::kPlain) throw std::invalid_argument("null slow weights");
   Context c{};
   c.segs = reinterpret_cast<const Segment*>(a.table);
   const bool decay = a.weight_decay != 0.0;
   c.grad = GradScalars{static_cast<float>(a.grad_scale), a.maximize ? -1.0f : 1.0f};
-  c.sgd = SgdScalars{static_cast<float>(-a.lr),           static_cast<float>(a.momentum_coef),
-                     static_cast<float>(1.0 - a.dampening), static_cast<float>(a.weight_decay),
-                     decay,                                 a.nesterov};
+  c.sgd = SgdScalars{static_cast<float>(-a.lr),
+                     static_cast<float>(a.momentum_coef),
+                     static_cast<float>(1.0 - a.dampening),
+                     static_cast<float>(a.weight_decay),
+                     decay,
+                     a.nesterov};
   const bool decoupled = a.kind == Kind::kAdamW && decay;
-  c.adam = AdamScalars{static_cast<float>(1.0 - a.beta1),
-                       static_cast<float>(a.beta2),
-                       static_cast<float>(1.0 - a.beta2),
-                       static_cast<float>(a.eps),
-                       static_cast<float>(a.weight_decay),
-                       decoupled ? static_cast<float>(1.0 - a.lr * a.weight_decay) : 1.0f,
-                       a.kind == Kind::kAdam && decay};
+  c.adam = AdamScalars{
+      static_cast<float>(1.0 - a.beta1),  static_cast<float>(a.beta2),
+      static_cast<float>(1.0 - a.beta2),  static_cast<float>(a.eps),
+      static_cast<float>(a.weight_decay), decoupled ? static_cast<float>(1.0 - a.lr * a.weight_decay) : 1.0f,
+      a.kind == Kind::kAdam && decay};
   c.inner_state = a.inner_state;
   c.alpha = static_cast<float>(a.alpha);
   c.one_minus_alpha = static_cast<float>(1.0 - a.alpha);
@@ -318,13 +318,20 @@ void stream_floor(const int64_t* buffers, int reads, int writes, int64_t n, int6
   for (int j = 0; j < reads; ++j) buf[j] = reinterpret_cast<float*>(buffers[j]);
   chunk = std::max<int64_t>(chunk, 1);
   switch (reads) {
-    case 1: return stream_dispatch<1>(buf.data(), writes, n, chunk);
-    case 2: return stream_dispatch<2>(buf.data(), writes, n, chunk);
-    case 3: return stream_dispatch<3>(buf.data(), writes, n, chunk);
-    case 4: return stream_dispatch<4>(buf.data(), writes, n, chunk);
-    case 5: return stream_dispatch<5>(buf.data(), writes, n, chunk);
-    case 6: return stream_dispatch<6>(buf.data(), writes, n, chunk);
-    default: throw std::invalid_argument("stream_floor: reads must be between 1 and 6");
+    case 1:
+      return stream_dispatch<1>(buf.data(), writes, n, chunk);
+    case 2:
+      return stream_dispatch<2>(buf.data(), writes, n, chunk);
+    case 3:
+      return stream_dispatch<3>(buf.data(), writes, n, chunk);
+    case 4:
+      return stream_dispatch<4>(buf.data(), writes, n, chunk);
+    case 5:
+      return stream_dispatch<5>(buf.data(), writes, n, chunk);
+    case 6:
+      return stream_dispatch<6>(buf.data(), writes, n, chunk);
+    default:
+      throw std::invalid_argument("stream_floor: reads must be between 1 and 6");
   }
 }
 
@@ -397,8 +404,8 @@ static_assert(kNumIsas <= kMaxIsas, "raise kMaxIsas");
 bool cpu_runs(const char* name) {
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
-  const bool v2 = __builtin_cpu_supports("sse4.2") && __builtin_cpu_supports("popcnt") &&
-                  __builtin_cpu_supports("ssse3");
+  const bool v2 =
+      __builtin_cpu_supports("sse4.2") && __builtin_cpu_supports("popcnt") && __builtin_cpu_supports("ssse3");
   const bool v3 = v2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                   __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
   const bool v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&

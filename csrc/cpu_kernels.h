@@ -10,8 +10,8 @@ namespace lookahead_fused::cpu {
 // One row of a bucket's segment table (an int64 CPU tensor built by backends/cpu.py), one
 // row per parameter in bucket order, so `offset` is ascending and the rows tile [0, numel).
 struct Segment {
-  int64_t param;     // address of the parameter's first element (dense; any dim order)
-  int64_t grad;      // address of its gradient, laid out like the parameter
+  int64_t param;  // address of the parameter's first element (dense; any dim order)
+  int64_t grad;   // address of its gradient, laid out like the parameter
   int64_t numel;
   int64_t offset;    // where the parameter starts in the bucket's flat state buffers
   int64_t slot;      // its slot in the bucket's "step" counter vector
@@ -35,8 +35,8 @@ enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 struct StepArgs {
   int64_t table = 0;  // address of num_segments Segment rows
   int64_t num_segments = 0;
-  int64_t numel = 0;         // elements of the bucket (sum of the rows' numel)
-  int64_t chunk = 1 << 16;   // elements per OpenMP work item
+  int64_t numel = 0;        // elements of the bucket (sum of the rows' numel)
+  int64_t chunk = 1 << 16;  // elements per OpenMP work item
   Kind kind = Kind::kSgd;
   Phase phase = Phase::kPlain;
   InnerState inner_state = InnerState::kMaintain;
@@ -44,7 +44,7 @@ struct StepArgs {
   DType state_dtype = DType::kFloat32;
   DType slow_dtype = DType::kFloat32;
   // Flat state buffers of the bucket (0 where the variant has none).
-  int64_t momentum = 0;        // SGD momentum_buffer or Adam exp_avg
+  int64_t momentum = 0;  // SGD momentum_buffer or Adam exp_avg
   int64_t exp_avg_sq = 0;
   int64_t max_exp_avg_sq = 0;
   int64_t cached_momentum = 0;  // inner_state="pullback"
@@ -95,11 +95,11 @@ int selected_isa();  // index of the level lookahead_step runs
 void select_isa(const char* name);
 
 // What each ISA build defines (cpu_kernels.cpp), declared for the dispatcher.
-#define LAF_CPU_DECLARE_ISA(ns)                                                                    \
-  namespace ns {                                                                                   \
-  StepResult lookahead_step(const StepArgs& args);                                                 \
-  void stream_floor(const int64_t* buffers, int reads, int writes, int64_t n, int64_t chunk);       \
-  const char* simd_level();                                                                        \
+#define LAF_CPU_DECLARE_ISA(ns)                                                               \
+  namespace ns {                                                                              \
+  StepResult lookahead_step(const StepArgs& args);                                            \
+  void stream_floor(const int64_t* buffers, int reads, int writes, int64_t n, int64_t chunk); \
+  const char* simd_level();                                                                   \
   }
 
 }  // namespace lookahead_fused::cpu

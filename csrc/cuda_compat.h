@@ -65,8 +65,8 @@
 #define __launch_bounds__(...)
 // One block runs at a time on the host, so a block's shared memory can be a static local.
 #define __shared__ static
-#define LAF_SHARED(T, name, n)                                                  \
-  static T name[n];                                                             \
+#define LAF_SHARED(T, name, n) \
+  static T name[n];            \
   ::lookahead_fused::emulated::declare_shared(static_cast<void*>(name), sizeof(name))
 #endif
 

@@ -51,8 +51,8 @@ using gpu::Kind;
 using gpu::Phase;
 using gpu::Segment;
 
-constexpr int kVec = 4;          // elements per vector access
-constexpr int kMaxBlock = 256;   // block size bound (shared memory of the α reduction)
+constexpr int kVec = 4;         // elements per vector access
+constexpr int kMaxBlock = 256;  // block size bound (shared memory of the α reduction)
 
 // Everything a step kernel needs, by value (kernel argument space).
 struct Params {
@@ -146,7 +146,7 @@ LAF_DEVICE void elements(const ChunkScalars& c, const ChunkPtrs<V>& q, int64_t i
     cv = ld<RS, N>(q.cache + i);
   }
 
-LAF_UNROLL
+  LAF_UNROLL
   for (int j = 0; j < N; ++j) {
     float theta = load<P>(th.v[j]);
     float m = kHasM ? load<S>(mv.v[j]) : 0.0f;
@@ -159,8 +159,7 @@ LAF_UNROLL
         vv.v[j] = store<S>(v);
         if (kAms) vmv.v[j] = store<S>(v_max);
         if (kDots) {
-          alpha_terms(dots, g, load<F>(phiv.v[j]), rounded<P>(theta), rounded<S>(kAms ? v_max : v), c.bc2, c.eps,
-                      c.lr);
+          alpha_terms(dots, g, load<F>(phiv.v[j]), rounded<P>(theta), rounded<S>(kAms ? v_max : v), c.bc2, c.eps, c.lr);
         }
       } else {
         sgd_update<kHasM>(theta, g, m, c.first, c.sgd);
@@ -207,7 +206,8 @@ LAF_DEVICE void walk_chunk(const ChunkScalars& c, const ChunkPtrs<V>& q, int64_t
   int64_t vec_end = 0;
   if (aligned) {
     vec_end = len / kVec * kVec;
-    for (int64_t i = tid * kVec; i < vec_end; i += stride * kVec) elements<V, kInner, kSync, kDots, kVec>(c, q, i, dots);
+    for (int64_t i = tid * kVec; i < vec_end; i += stride * kVec)
+      elements<V, kInner, kSync, kDots, kVec>(c, q, i, dots);
   }
   for (int64_t i = vec_end + tid; i < len; i += stride) elements<V, kInner, kSync, kDots, 1>(c, q, i, dots);
 }
@@ -252,9 +252,12 @@ __global__ void __launch_bounds__(kMaxBlock) step_kernel(Params a) {
     const double lr = read_lr<V>(a);
     ChunkScalars c{};
     c.grad = GradScalars{a.grad_scale != nullptr ? ld_meta(a.grad_scale) : 1.0f, a.maximize ? -1.0f : 1.0f};
-    c.sgd = SgdScalars{static_cast<float>(-lr), static_cast<float>(a.momentum_coef),
-                       static_cast<float>(1.0 - a.dampening), static_cast<float>(a.weight_decay),
-                       a.weight_decay != 0.0, a.nesterov};
+    c.sgd = SgdScalars{static_cast<float>(-lr),
+                       static_cast<float>(a.momentum_coef),
+                       static_cast<float>(1.0 - a.dampening),
+                       static_cast<float>(a.weight_decay),
+                       a.weight_decay != 0.0,
+                       a.nesterov};
     c.adam = AdamScalars{static_cast<float>(1.0 - a.beta1),
                          static_cast<float>(a.beta2),
                          static_cast<float>(1.0 - a.beta2),
@@ -410,7 +413,8 @@ class DeviceGuard {
   }
   ~DeviceGuard() { cudaSetDevice(previous_); }
   static void check(cudaError_t e, const char* what) {
-    if (e != cudaSuccess) throw std::runtime_error(std::string("lookahead_fused: ") + what + ": " + cudaGetErrorString(e));
+    if (e != cudaSuccess)
+      throw std::runtime_error(std::string("lookahead_fused: ") + what + ": " + cudaGetErrorString(e));
   }
 
  private:
@@ -431,7 +435,7 @@ template <class V>
 void launch_step(const gpu::LaunchArgs& a, const Params& p) {
   check_launch(launch(step_kernel<V>, static_cast<unsigned>(a.grid), static_cast<unsigned>(a.block),
                       V::kPhase == Phase::kInnerDots, a.stream, p),
-               V::kPhase == Phase::kInnerDots ? "lookahead step_kernel (adaptive alpha, pass 1)"
+               V::kPhase == Phase::kInnerDots  ? "lookahead step_kernel (adaptive alpha, pass 1)"
                : V::kPhase == Phase::kSyncOnly ? "lookahead step_kernel (adaptive alpha, pass 2)"
                                                : "lookahead step_kernel");
 }
@@ -469,7 +473,8 @@ void step(const gpu::LaunchArgs& a) {
     throw std::invalid_argument("null segment table or counters");
   // Chunks exist where there are elements; a bucket of empty parameters has none (and
   // empty buffers may have null addresses), but its counters still advance.
-  if (a.num_chunks > 0 && (a.chunks == 0 || a.slow == 0)) throw std::invalid_argument("null chunk table or slow weights");
+  if (a.num_chunks > 0 && (a.chunks == 0 || a.slow == 0))
+    throw std::invalid_argument("null chunk table or slow weights");
   if (a.phase == Phase::kInnerDots && a.partials == 0) throw std::invalid_argument("null partials buffer");
   if (a.num_segments == 0) return;
   LAF_DEVICE_SCOPE(a.device);

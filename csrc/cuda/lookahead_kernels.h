@@ -40,8 +40,8 @@ struct LaunchArgs {
   int64_t chunks = 0;  // device address of num_chunks Chunk rows
   int64_t num_chunks = 0;
   int64_t chunk_size = 1 << 16;
-  int grid = 1;    // blocks (each walks chunk rows blockIdx.x, +gridDim.x, ...)
-  int block = 256; // threads per block: a power of two, at most 256
+  int grid = 1;     // blocks (each walks chunk rows blockIdx.x, +gridDim.x, ...)
+  int block = 256;  // threads per block: a power of two, at most 256
   Kind kind = Kind::kSgd;
   Phase phase = Phase::kStep;
   InnerState inner_state = InnerState::kMaintain;
@@ -84,11 +84,11 @@ struct FinalizeArgs {
 
 }  // namespace lookahead_fused::gpu
 
-#define LOOKAHEAD_FUSED_DECLARE_KERNEL_API(ns)                                        \
-  namespace lookahead_fused::ns {                                                     \
+#define LOOKAHEAD_FUSED_DECLARE_KERNEL_API(ns)                                       \
+  namespace lookahead_fused::ns {                                                    \
   /* Launches the step kernel (and the counter kernel); throws on a launch error. */ \
-  void step(const gpu::LaunchArgs& args);                                             \
-  void finalize_alpha(const gpu::FinalizeArgs& args);                                 \
+  void step(const gpu::LaunchArgs& args);                                            \
+  void finalize_alpha(const gpu::FinalizeArgs& args);                                \
   }
 
 LOOKAHEAD_FUSED_DECLARE_KERNEL_API(emulated)
