@@ -1,47 +1,23 @@
 """Parameter sets by shape, so the benchmark needs no torchvision.
 
 An optimizer step sees only the shapes of the parameters, so a model's parameter list is
-rebuilt from its architecture: torchvision's ResNet-152 and ResNet-50, GPT-2 small (a
-transformer: few large matrices), 10,000 tensors of 64 elements (per-tensor overhead), each
+rebuilt from its architecture (the ResNets from lookahead_fused.models, the model of the
+training example): torchvision's ResNet-152 and ResNet-50, GPT-2 small (a transformer: few
+large matrices), 10,000 tensors of 64 elements (per-tensor overhead), each
 with its tensor and parameter counts asserted against the original model's, and a tiny
 ResNet for `--quick` runs and the pytest-benchmark suite.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from lookahead_fused.models import resnet_shapes
+
 Shape = tuple[int, ...]
-
-
-def resnet_shapes(blocks: Sequence[int], width: int = 64, num_classes: int = 1000) -> list[Shape]:
-    """The parameter shapes of a bottleneck ResNet in torchvision's `named_parameters()` order:
-    stem conv 7x7 + bn; per stage i, `blocks[i]` bottlenecks of width `width * 2**i`
-    (1x1, 3x3, 1x1 convs, each followed by a bn, expansion 4), the first one with a
-    downsample 1x1 conv + bn; then the classifier (weight and bias)."""
-    shapes: list[Shape] = []
-
-    def conv_bn(out_ch: int, in_ch: int, kernel: int) -> None:
-        shapes.extend([(out_ch, in_ch, kernel, kernel), (out_ch,), (out_ch,)])  # conv weight, bn weight, bn bias
-
-    conv_bn(width, 3, 7)
-    in_ch = width
-    for stage, n in enumerate(blocks):
-        mid = width << stage
-        out_ch = 4 * mid
-        for block in range(n):
-            conv_bn(mid, in_ch, 1)
-            conv_bn(mid, mid, 3)
-            conv_bn(out_ch, mid, 1)
-            if block == 0:
-                conv_bn(out_ch, in_ch, 1)
-            in_ch = out_ch
-    shapes.extend([(num_classes, in_ch), (num_classes,)])
-    return shapes
 
 
 @dataclass(frozen=True)
@@ -83,8 +59,8 @@ def gpt2_shapes(layers: int = 12, width: int = 768, vocab: int = 50257, context:
 
 # name -> (shapes, (tensors, parameters) that the original model has, or None)
 _SETS = {
-    "resnet152": (lambda: resnet_shapes((3, 8, 36, 3)), (467, 60_192_808)),  # torchvision's
-    "resnet50": (lambda: resnet_shapes((3, 4, 6, 3)), (161, 25_557_032)),  # torchvision's
+    "resnet152": (lambda: resnet_shapes("resnet152"), (467, 60_192_808)),  # torchvision's
+    "resnet50": (lambda: resnet_shapes("resnet50"), (161, 25_557_032)),  # torchvision's
     "gpt2": (gpt2_shapes, (148, 124_439_808)),  # Hugging Face's GPT-2 small ("gpt2")
     # Per-tensor overhead alone: many tiny tensors (biases, norms) with almost no bytes each.
     "tiny10k": (lambda: [(64,)] * 10_000, (10_000, 640_000)),
