@@ -83,9 +83,24 @@ class _LookaheadOptimizer(Optimizer):
     # copies and unpickled optimizers keep it.
     _step_supports_amp_scaling = True
 
-    def __init__(self, params: Any, defaults: dict[str, Any], backend: str) -> None:
-        if backend != "auto":
-            backends.get(backend)  # an unknown name fails before anything else
+    def __init__(
+        self,
+        params: Any,
+        defaults: dict[str, Any],
+        backend: str,
+        *,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
+    ) -> None:
+        if differentiable:
+            raise NotImplementedError(
+                f"{type(self).__name__} does not support differentiable=True: the fused step records no "
+                "autograd graph (use torch.optim's optimizer with differentiable=True for that)"
+            )
+        # backend= and torch.optim's fused= / foreach= (backends.from_keywords); an unknown name
+        # or contradicting keywords fail before anything else.
+        backend = backends.from_keywords(backend, foreach, fused)
         self._backend_request = backend
         self._group_buckets: list[list[Bucket] | None] = []
         self._group_members: list[tuple[int, ...] | None] = []  # ids of each group's params at build
@@ -328,13 +343,16 @@ class LookaheadSGD(_LookaheadOptimizer):
         slow_dtype: torch.dtype | None = None,
         capturable: bool = False,
         backend: str = "auto",
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
             nesterov=nesterov, maximize=maximize, k=k, alpha=alpha, inner_state=inner_state,
             state_dtype=state_dtype, slow_dtype=slow_dtype, capturable=capturable,
         )  # fmt: skip
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, foreach=foreach, fused=fused, differentiable=differentiable)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         if not 0.0 <= group["momentum"]:
@@ -371,14 +389,24 @@ class LookaheadAdam(_LookaheadOptimizer):
         slow_dtype: torch.dtype | None = None,
         capturable: bool = False,
         backend: str = "auto",
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
+        decoupled_weight_decay: bool = False,
     ) -> None:
+        if decoupled_weight_decay:  # torch.optim.Adam(decoupled_weight_decay=True) is AdamW
+            self._kind = "adamw"
+        elif self._kind == "adamw":
+            raise ValueError(
+                f"{type(self).__name__}'s weight decay is always decoupled; use LookaheadAdam for L2 weight decay"
+            )
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             maximize=maximize, k=k, alpha=alpha, inner_state=inner_state,
             adaptive_alpha=adaptive_alpha, alpha_low=alpha_low, state_dtype=state_dtype,
             slow_dtype=slow_dtype, capturable=capturable,
         )  # fmt: skip
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, foreach=foreach, fused=fused, differentiable=differentiable)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         if not 0.0 <= group["eps"]:
@@ -405,4 +433,5 @@ class LookaheadAdamW(LookaheadAdam):
         amsgrad: bool = False,
         **kwargs: Any,
     ) -> None:
+        kwargs.setdefault("decoupled_weight_decay", True)
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
