@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: set up .venv (idempotent: quick when nothing changed),
 # check every backend usable on this device against the reference, then benchmark.
-#   bash run.sh                      # check + benchmark on the ResNet-152 parameter set
-#   bash run.sh --set resnet50 ...   # arguments go to `python -m bench`
+#   bash run.sh                      # check + the short benchmark (ResNet-50 set, the fused class,
+#                                    # torch's fused optimizer, the floor: ~1 min, < 3 GB on a CPU)
+#   bash run.sh --full               # check + every contender on the ResNet-152 set (~10 min, ~8 GB)
+#   bash run.sh --set gpt2 ...       # other arguments go to `python -m bench` in place of --short
 # test.sh sources this file for setup_env and friends; main runs only when executed.
 set -euo pipefail
 
@@ -41,7 +43,15 @@ ensure_torch() {
     # Reuse any torch the system python has (--system-site-packages), e.g. a CUDA build;
     # otherwise the CPU build, not the multi-GB CUDA one that PyPI would give.
     "$PY" -c "import torch" 2>/dev/null && return 0
-    echo "run.sh: no torch importable; installing the CPU build torch==$TORCH_VERSION" >&2
+    if [ -n "${TORCH_INDEX_URL:-}" ]; then
+        echo "run.sh: no torch importable; installing torch==$TORCH_VERSION from $TORCH_INDEX_URL" >&2
+    else
+        # What pip takes is what its configured index has: on Linux, PyPI's default torch wheel
+        # is the CUDA build (several GB); a local wheel or index configured for pip wins.
+        echo "run.sh: no torch importable; installing torch==$TORCH_VERSION from pip's configured index" \
+            "(PyPI's Linux wheel is the CUDA build, several GB; TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" \
+            "gives the CPU-only one)" >&2
+    fi
     # TORCH_INDEX_URL picks where the wheel comes from (e.g. PyTorch's CPU wheel index, for a
     # CPU-only build on a machine whose default index only has the CUDA one).
     "$PY" -m pip install "torch==$TORCH_VERSION" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
@@ -64,7 +74,14 @@ main() {
     setup_env
     cd "$ROOT"
     "$PY" -m lookahead_fused check
-    "$PY" -m bench "$@"
+    if [ "${1:-}" = "--full" ]; then
+        shift
+        "$PY" -m bench "$@"
+    elif [ $# -gt 0 ]; then
+        "$PY" -m bench "$@"
+    else
+        "$PY" -m bench --short
+    fi
 }
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then

@@ -60,6 +60,7 @@ from .params import ParamSet, param_set
 # Repetitions: a ResNet-152 step takes 30-500 ms on a CPU and about a millisecond on a GPU.
 DEFAULT_REPS = {"cpu": 5, "cuda": 20}
 QUICK_REPS = 2
+SHORT_REPS = 3
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Modelled memory bandwidth by GPU name (a substring of torch.cuda.get_device_name()).
 MODELLED_BANDWIDTH = {"H100": 3.0e12}
@@ -498,11 +499,27 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--reps", type=int, help=f"repetitions (default {reps_help}; {QUICK_REPS} with --quick)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     parser.add_argument("--quick", action="store_true", help="the tiny set and few repetitions: a smoke test")
+    parser.add_argument(
+        "--short",
+        action="store_true",
+        help=f"ResNet-50, {SHORT_REPS} repetitions, only the fused class on the backend 'auto' picks, the "
+        "generic wrapper, torch's fused optimizer and the floor: about a minute and under 3 GB on a CPU "
+        "(what `bash run.sh` runs)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the machine, settings and results as JSON")
     parser.add_argument(
         "--plot", metavar="PNG", help="also plot ms/step by contender for the ResNet-152 set (matplotlib)"
     )
     return parser
+
+
+def _in_short_run(c: Contender, device: torch.device) -> bool:
+    """The contenders of --short: ours on the backend "auto" picks, the generic wrapper,
+    torch's fused optimizer (the baseline) and the floor."""
+    from lookahead_fused import backends
+
+    ours = f"(backend={backends.resolve('auto', {device})})"
+    return c.baseline or c.floor or c.name.endswith(ours) or c.name.startswith("lookahead_fused.Lookahead(")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -511,13 +528,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device(args.device) if args.device else default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available to this torch")
-    reps = args.reps if args.reps is not None else QUICK_REPS if args.quick else DEFAULT_REPS[device.type]
+    short_reps = SHORT_REPS if args.short else None
+    reps = args.reps if args.reps is not None else QUICK_REPS if args.quick else short_reps or DEFAULT_REPS[device.type]
     if reps < 1:
         parser.error(f"--reps must be at least 1, got {reps}")
     if any(k < 1 for k in args.k or ()):
         parser.error(f"--k must be at least 1, got {args.k}")
     full_sets = tuple(n for n in SET_NAMES if n != "tiny")
-    sets = args.set or (full_sets if args.full else ("tiny",) if args.quick else ("resnet152",))
+    default_set = ("tiny",) if args.quick else ("resnet50",) if args.short else ("resnet152",)
+    sets = args.set or (full_sets if args.full else default_set)
     families = tuple(args.family or (FAMILY_NAMES if args.full else ("adam", "sgd")))
     ks = tuple(args.k or (KS if args.full else KS[:1]))
     dtypes = tuple(args.dtype or (tuple(DTYPES) if args.full else ("fp32",)))
@@ -553,7 +572,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     rows = []
     for pset, dtype, k, family in itertools.product(psets, dtypes, ks, families):
-        results = measure(contenders(device, (family,), k), pset, DTYPES[dtype], device, reps)
+        entries = contenders(device, (family,), k)
+        if args.short:
+            entries = [c for c in entries if _in_short_run(c, device)]
+        results = measure(entries, pset, DTYPES[dtype], device, reps)
         baseline = next(
             (statistics.median(r.seconds["eager"]) for r in results if r.contender.baseline and r.seconds["eager"]),
             None,

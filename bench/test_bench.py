@@ -245,3 +245,14 @@ def test_cli_refuses_bad_settings(argv: list[str], capsys: pytest.CaptureFixture
         cli.main(["--device", "cpu", "--quick", *argv])
     assert exc.value.code == 2
     assert argv[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["adam", "sgd"])
+def test_short_run_keeps_ours_the_wrapper_torch_fused_and_the_floor(family: str) -> None:
+    """`python -m bench --short` (what `bash run.sh` runs) measures four contenders a family,
+    so that it fits in about a minute and under 3 GB on a CPU."""
+    kept = [c for c in contenders(CPU, (family,)) if cli._in_short_run(c, CPU)]
+    names = [c.name for c in kept]
+    assert len(kept) == 4, names
+    assert sum(c.baseline for c in kept) == 1 and sum(c.floor for c in kept) == 1
+    assert any(n.endswith(f"(backend={_FASTEST})") for n in names), names
