@@ -201,6 +201,33 @@ class Bucket:
     param_version: int = 0
     grad_key: tuple | None = None
     grad_version: int = 0
+    # Which backend stepped the bucket last, and why that is not the one the optimizer asked
+    # for: (name, None) when the compiled backend's own kernels did, (fallback name, reason)
+    # when its group went to the fallback ("eager" for cpu, "foreach" for cuda, cuda_emulated
+    # and triton): a parameter with gaps between its elements (`kernel_layout_problem`), or
+    # dtypes the kernels do not cover. Set by the compiled backends on every step
+    # (backends/_compiled.record); None until one has stepped the bucket ("eager" and
+    # "foreach" step whatever they are given and do not record).
+    stepped_by: tuple[str, str | None] | None = None
+    # (param_version, kernel_layout_problem()) as last worked out.
+    _layout_problem: tuple[int, str | None] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def kernel_layout_problem(self) -> str | None:
+        """Why kernels that walk a parameter and its state side by side, linearly in memory,
+        cannot step this bucket: a parameter that is not dense (a view with gaps between its
+        elements, such as `torch.randn(10, 5, 2)[..., 0]`, overlapping or negative strides),
+        or None when every parameter is. Worked out once per layout of the parameters
+        (`param_version`, which `moved` bumps whenever an address, shape or strides change,
+        e.g. `.data` replaced), so a steady step compares one number and walks no tensor."""
+        cached = self._layout_problem
+        if cached is None or cached[0] != self.param_version:
+            problem = None
+            for i, p in enumerate(self.params):
+                if not is_dense(p) or any(s < 0 for s in p.stride()):
+                    problem = f"{where(i, p)} is not dense (strides {p.stride()})"
+                    break
+            cached = self._layout_problem = (self.param_version, problem)
+        return cached[1]
 
     def moved(self) -> bool:
         """Refresh `param_key`. True when the bucket no longer describes its parameters (a

@@ -1,6 +1,15 @@
-"""What the compiled backends (cpu, cuda, cuda_emulated, triton) share: the checks made
-before a bucket's addresses cross into a kernel, and the filling of the kernel arguments
-that describe a bucket.
+"""What the compiled backends (cpu, cuda, cuda_emulated, triton) share: the routing of a
+group the kernels cannot step to the backend's fallback, the checks made before a bucket's
+addresses cross into a kernel, and the filling of the kernel arguments that describe a bucket.
+
+Routing (`fallback_reasons`, `record`): the kernels walk a parameter and its state side by
+side, linearly in memory, so they step only dense parameters; a parameter with gaps between
+its elements (a view such as `torch.randn(10, 5, 2)[..., 0]` made a leaf) is stepped, with
+its whole group, by the backend's fallback ("eager" for cpu, "foreach" for the others), the
+same path that takes dtypes the kernels do not cover. Whether a bucket is dense is worked out
+when its layout changes (Bucket.kernel_layout_problem), so a parameter made non-dense by
+`.data = ...` routes from its next step on, and one made dense again returns to the kernels.
+Who stepped each bucket, and why, is recorded as `Bucket.stepped_by`.
 
 The kernels walk raw pointers: a parameter that is not dense, whose storage was shrunk
 after the optimizer was built, or whose size no longer matches its state would make them
@@ -10,6 +19,7 @@ whenever a parameter's address or size changes, and for gradients whenever one c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,6 +27,30 @@ from torch import Tensor
 
 from .. import reference
 from .._buckets import COUNTER_KEYS, Bucket, holds, is_dense, where
+
+
+def fallback_reasons(
+    backend: str, buckets: list[Bucket], uncovered: Callable[[Bucket], str | None]
+) -> list[str] | None:
+    """None when the kernels of `backend` can step every bucket of a group; else, for each
+    bucket, why the group goes to the backend's fallback. `uncovered(b)` is the backend's own
+    rule (why its kernels do not cover b's dtypes, or None); then b's layout. There is one
+    lookahead counter and one adaptive α per group: a bucket the kernels cannot step sends
+    the whole group to the fallback. Cheap on a steady step: the layout is looked at again
+    only when Bucket.moved saw it change."""
+    reasons = [uncovered(b) or b.kernel_layout_problem() for b in buckets]
+    first = next((r for r in reasons if r is not None), None)
+    if first is None:
+        return None
+    other = f"its group also holds a bucket the {backend} kernels cannot step: {first}"
+    return [other if r is None else r for r in reasons]
+
+
+def record(buckets: list[Bucket], stepped_by: str, reasons: list[str] | None = None) -> None:
+    """Set `Bucket.stepped_by` of every bucket of a group: the backend that stepped it, and
+    why it was the fallback (None when the kernels did)."""
+    for i, b in enumerate(buckets):
+        b.stepped_by = (stepped_by, None if reasons is None else reasons[i])
 
 
 def check_bucket(backend: str, b: Bucket) -> None:
@@ -33,7 +67,7 @@ def check_bucket(backend: str, b: Bucket) -> None:
                 f"the {backend} backend got {where(i, p)} on {p.device} with dtype {p.dtype} "
                 f"in a {b.dtype} bucket on {b.device}"
             )
-        if not is_dense(p) or any(s < 0 for s in p.stride()):
+        if not is_dense(p) or any(s < 0 for s in p.stride()):  # routed to the fallback before this
             raise RuntimeError(f"the {backend} backend needs dense parameters; {where(i, p)} has strides {p.stride()}")
     b.check_fit()  # sizes and storages, again right before the addresses cross into a kernel
 

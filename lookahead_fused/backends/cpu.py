@@ -17,10 +17,13 @@ step and returns the two dot products of every bucket, the group's α̂ is compu
 their sums, and a second pass does the sync with it.
 
 What the kernels compile: parameters in fp32, bf16 or fp16, math in fp32, state and slow
-weights each in fp32 or the parameter's dtype. A group with anything else (fp64
-parameters, or overrides such as bf16 state with fp16 slow weights for a bf16 model) is
+weights each in fp32 or the parameter's dtype, of dense parameters (the kernel walks a
+parameter and its state side by side in memory). A group with anything else (fp64
+parameters, overrides such as bf16 state with fp16 slow weights for a bf16 model, or a
+parameter with gaps between its elements, such as `torch.randn(10, 5, 2)[..., 0]`) is
 stepped by the reference implementation (backend "eager"), so "cpu" accepts everything
-the front-end does and is fast where models actually are.
+the front-end does and is fast where models actually are. `Bucket.stepped_by` records
+which of the two stepped a bucket, and why (backends/_compiled.py).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from torch import Tensor
 
 from .._buckets import Bucket
 from . import eager
-from ._compiled import check_bucket, grad_scratch, set_bucket_args
+from ._compiled import check_bucket, fallback_reasons, grad_scratch, record, set_bucket_args
 
 try:
     from .. import _C
@@ -78,9 +81,11 @@ def step(
 ) -> None:
     if found_inf is not None and found_inf.item() != 0:
         return  # GradScaler found an inf/NaN: nothing changes, the counters included
-    if not all(_compiled(b) for b in buckets):
+    reasons = fallback_reasons("cpu", buckets, _uncovered)
+    if reasons is not None:
         # One counter and one adaptive α per group: the whole group takes the other path.
         eager.step(kind, group, buckets, grads, grad_scale, found_inf)
+        record(buckets, "eager", reasons)
         return
 
     tables = [_segment_table(b, gs) for b, gs in zip(buckets, grads, strict=True)]
@@ -111,6 +116,7 @@ def step(
     for b in buckets:
         b.flat["lookahead_step"].add_(1)
         b.host_count = count
+    record(buckets, "cpu")
 
 
 def _compiled(bucket: Bucket) -> bool:
@@ -118,6 +124,16 @@ def _compiled(bucket: Bucket) -> bool:
     supported = (torch.float32, torch.bfloat16, torch.float16)
     own = (torch.float32, bucket.dtype)
     return bucket.dtype in supported and bucket.state_dtype in own and bucket.slow_dtype in own
+
+
+def _uncovered(bucket: Bucket) -> str | None:
+    """Why the C++ kernels do not cover this bucket's dtypes, or None."""
+    if _compiled(bucket):
+        return None
+    return (
+        f"the cpu kernels do not cover {bucket.dtype} parameters with {bucket.state_dtype} state "
+        f"and {bucket.slow_dtype} slow weights"
+    )
 
 
 def _step_args(kind: str, group: dict[str, Any], b: Bucket, table: Tensor, grad_scale: float) -> Any:

@@ -39,8 +39,12 @@ source compiled for the host, run on CPU tensors with a small grid; only the ent
 the device type and the launch shape differ (`_Target`).
 
 What the kernels compile: parameters in fp32, bf16 or fp16, math in fp32, state and slow
-weights each in fp32 or the parameter's dtype. A group with anything else goes to the
-"foreach" backend, which handles every dtype on every device with the same semantics.
+weights each in fp32 or the parameter's dtype, of dense parameters (the kernels walk a
+parameter and its state side by side in memory). A group with anything else (other dtypes,
+or a parameter with gaps between its elements, such as `torch.randn(10, 5, 2)[..., 0]`) goes
+to the "foreach" backend, which handles every dtype and layout on every device with the same
+semantics; `Bucket.stepped_by` records which of the two stepped a bucket, and why
+(backends/_compiled.py).
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ from .._buckets import Bucket
 from . import foreach
 from ._capture import capture_error, describe, keep_captured
 from ._capture import capturing as capturing_now
-from ._compiled import check_bucket, grad_scratch, set_bucket_args
+from ._compiled import check_bucket, fallback_reasons, grad_scratch, record, set_bucket_args
 
 try:
     from .. import _C
@@ -163,9 +167,11 @@ def run_step(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
 ) -> None:
-    if not all(_compiled(b) for b in buckets):
+    reasons = fallback_reasons(target.name, buckets, functools.partial(_uncovered, target))
+    if reasons is not None:
         # One counter and one adaptive α per group: the whole group takes the other path.
         foreach.step(kind, group, buckets, grads, grad_scale, found_inf)
+        record(buckets, "foreach", reasons)
         return
     capturing = capturing_now()
     # Every table is ready (or an error raised) before the first launch.
@@ -180,6 +186,7 @@ def run_step(
             launch(a)
     for b in buckets:
         b.host_count = None  # the counters moved on the device
+    record(buckets, target.name)
 
 
 def _adaptive_step(target: _Target, group: dict[str, Any], buckets: list[Bucket], launches: list[Any],
@@ -235,6 +242,16 @@ def _compiled(bucket: Bucket) -> bool:
     """Whether the kernels cover this bucket's dtypes (see the module docstring)."""
     own = (torch.float32, bucket.dtype)
     return bucket.dtype in _SUPPORTED and bucket.state_dtype in own and bucket.slow_dtype in own
+
+
+def _uncovered(target: _Target, bucket: Bucket) -> str | None:
+    """Why the kernels do not cover this bucket's dtypes, or None."""
+    if _compiled(bucket):
+        return None
+    return (
+        f"the {target.name} kernels do not cover {bucket.dtype} parameters with {bucket.state_dtype} state "
+        f"and {bucket.slow_dtype} slow weights"
+    )
 
 
 def _device_scalar(t: Tensor | None, b: Bucket, what: str) -> int:

@@ -30,7 +30,10 @@ Under TRITON_INTERPRET=1 the kernels run on CPU tensors (that is how CI runs the
 the launch configuration is fixed by a heuristic, not autotuned: the kernels update their
 arguments in place, and re-running them on live data to time configurations would corrupt
 the state. The kernels cover fp32, bf16 and fp16 parameters (math in fp32, state and slow
-weights of any float dtype); a group with fp64 parameters is stepped by backend "foreach".
+weights of any float dtype) that are dense (they walk a parameter and its state side by side
+in memory); a group with fp64 parameters, or with a parameter that has gaps between its
+elements (such as `torch.randn(10, 5, 2)[..., 0]`), is stepped by backend "foreach".
+`Bucket.stepped_by` records which of the two stepped a bucket, and why (backends/_compiled.py).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from .. import reference
 from .._buckets import STATE_ALIGNMENT, Bucket
 from . import foreach
 from ._capture import capture_error, capturing, describe, keep_captured
-from ._compiled import check_bucket, grad_scratch
+from ._compiled import check_bucket, fallback_reasons, grad_scratch, record
 
 try:
     import triton
@@ -105,9 +108,11 @@ def step(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
 ) -> None:
-    if not all(b.dtype in _param_dtypes() for b in buckets):
+    reasons = fallback_reasons("triton", buckets, _uncovered)
+    if reasons is not None:
         # One counter and one adaptive α per group: the whole group takes the other path.
         foreach.step(kind, group, buckets, grads, grad_scale, found_inf)
+        record(buckets, "foreach", reasons)
         return
 
     # Under CUDA-graph capture the device path, whatever `capturable` says: a host-decided
@@ -137,6 +142,12 @@ def step(
     for launch in launches:
         launch.advance_counters(mode)
         launch.bucket.host_count = count
+    record(buckets, "triton")
+
+
+def _uncovered(bucket: Bucket) -> str | None:
+    """Why the kernels do not cover this bucket's dtypes, or None."""
+    return None if bucket.dtype in _param_dtypes() else f"the triton kernels do not cover {bucket.dtype} parameters"
 
 
 def phases(kind: str, group: dict[str, Any], mode: int) -> list[int]:
