@@ -8,6 +8,9 @@ numeric happens in the backend; the semantics are those of `lookahead_fused.refe
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -74,6 +77,49 @@ def _refuse_sharded_adaptive_alpha(who: str, index: int) -> None:
     )
 
 
+# What has been said once per process (fallback warnings, the pointer to the GPU check).
+_TOLD: set[tuple] = set()
+
+
+def _tell_once(key: tuple, message: str) -> None:
+    if key not in _TOLD:
+        _TOLD.add(key)
+        warnings.warn(message, UserWarning, stacklevel=_caller_level())
+
+
+def _caller_level() -> int:
+    """The stacklevel of the first frame outside lookahead_fused and torch: the user's line
+    that built or stepped the optimizer, whatever wrappers (torch.optim's hooks) lie between."""
+    frame, level = sys._getframe(2), 2  # the caller of warnings.warn's caller
+    inside = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _note_resolution(who: str, requested: str, resolved: str, devices: set[torch.device]) -> None:
+    """Say once when "auto" (or a keyword-narrowed request) settles on another backend than
+    the fastest one for the device (cuda -> triton -> foreach, cpu -> foreach), and why; and,
+    the first time a GPU backend is used, where the check of its kernels is."""
+    if requested.startswith("auto"):
+        for preferred in backends.preferred(requested, devices):
+            if preferred == resolved:
+                break
+            why = "; ".join(filter(None, (backends.unavailable(preferred, d) for d in devices)))
+            _tell_once(
+                ("fallback", requested, preferred, resolved),
+                f"{who}: backend {preferred!r} cannot run here ({why}); using {resolved!r} "
+                "(opt.backend_report() shows who steps what)",
+            )
+            break
+    if resolved in ("cuda", "triton"):
+        _tell_once(
+            ("gpu", resolved),
+            f"{who}: the {resolved} backend's kernels have been verified on the CPU only (emulation, "
+            "interpreter); run `python -m lookahead_fused check --device cuda` on this GPU before a long run",
+        )
+
+
 class _LookaheadOptimizer(Optimizer):
     """Shared machinery. Subclasses set `_kind` and validate their own hyperparameters."""
 
@@ -107,6 +153,7 @@ class _LookaheadOptimizer(Optimizer):
         self._in_slow_weights = False
         super().__init__(params, defaults)
         self._backend = backends.resolve(backend, self._devices())
+        _note_resolution(type(self).__name__, backend, self._backend, self._devices())
 
     # -- torch.optim plumbing ------------------------------------------------------------
 
@@ -146,8 +193,62 @@ class _LookaheadOptimizer(Optimizer):
 
     @property
     def backend(self) -> str:
-        """The backend actually in use ("eager", "foreach", ...)."""
+        """The backend the optimizer runs ("eager", "foreach", ...); a group it cannot step
+        with its kernels is routed to another (`backend_report()`)."""
         return self._backend
+
+    def backend_report(self) -> list[dict[str, Any]]:
+        """Who steps what: one row per bucket (param group × device × dtype) with the group
+        index, device, dtype, tensors, elements, the backend requested and the one that really
+        stepped it at the last step, and why when that is not the optimizer's backend (a dtype
+        or layout its kernels do not cover). A group not stepped yet has no buckets: its rows
+        come from its parameters, with reason "not stepped yet"."""
+        rows = []
+        for index, group in enumerate(self.param_groups):
+            buckets = self._group_buckets[index] if index < len(self._group_buckets) else None
+            if buckets is None:
+                by_key: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+                for p in group["params"]:
+                    by_key.setdefault((p.device, p.dtype), []).append(p)
+                for (device, dtype), ps in by_key.items():
+                    rows.append(self._report_row(index, device, dtype, ps, None, "not stepped yet"))
+                continue
+            for b in buckets:
+                stepped, why = b.stepped_by or (self._backend, None)
+                rows.append(self._report_row(index, b.device, b.dtype, b.params, stepped, why))
+        return rows
+
+    def _report_row(self, index: int, device: torch.device, dtype: torch.dtype, params: list[Tensor],
+                    stepped: str | None, why: str | None) -> dict[str, Any]:  # fmt: skip
+        return {
+            "group": index, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+            "tensors": len(params), "elements": sum(p.numel() for p in params),
+            "requested": self._backend_request, "backend": stepped or self._backend, "reason": why,
+        }  # fmt: skip
+
+    def __repr__(self) -> str:
+        lines = super().__repr__().splitlines()
+        rows = self.backend_report()
+        routed = [r for r in rows if r["backend"] != self._backend]
+        text = f"Backend: {self._backend}" + (
+            f" (requested {self._backend_request})" if self._backend_request != self._backend else ""
+        )
+        lines.insert(1, text)
+        for r in routed:
+            lines.insert(2, f"  group {r['group']} {r['dtype']} on {r['device']}: {r['backend']} ({r['reason']})")
+        return "\n".join(lines)
+
+    def _warn_routed(self, buckets: list[Bucket], group: dict[str, Any]) -> None:
+        """Once per process and cause: a group stepped by another backend than the optimizer's."""
+        for b in buckets:
+            if b.stepped_by is not None and b.stepped_by[0] != self._backend:
+                stepped, why = b.stepped_by
+                index = next(i for i, g in enumerate(self.param_groups) if g is group)
+                _tell_once(
+                    ("routed", self._backend, stepped, why),
+                    f"{type(self).__name__}: param group {index} ({b.dtype} on {b.device}) is stepped by "
+                    f"{stepped!r}, not {self._backend!r}: {why}",
+                )
 
     def _devices(self) -> set[torch.device]:
         return {p.device for g in self.param_groups for p in g["params"]}
@@ -227,6 +328,8 @@ class _LookaheadOptimizer(Optimizer):
         step_group = backends.get(self._backend).step
         for group, buckets, grads in work:
             step_group(self._kind, group, buckets, grads, grad_scale, found_inf)
+        for group, buckets, _ in work:
+            self._warn_routed(buckets, group)
         return loss
 
     # -- state ----------------------------------------------------------------------------

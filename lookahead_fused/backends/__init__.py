@@ -128,3 +128,12 @@ def _resolve_among(requested: str, names: tuple[str, ...], devices: set[torch.de
     why = "; ".join(f"{n} on {d}: {unavailable(n, d)}" for n in candidates for d in devices if unavailable(n, d))
     keyword = {"auto:fused": "fused=True", "auto:unfused": "fused=False", "auto:no-foreach": "foreach=False"}[requested]
     raise RuntimeError(f"{keyword}: no backend among {', '.join(names)} can run here ({why or 'none applies'})")
+
+
+def preferred(requested: str, devices: set[torch.device]) -> tuple[str, ...]:
+    """The backends a request would take in order of preference, usable or not."""
+    device_types = {d.type for d in devices} or {"cpu"}
+    order = AUTO_ORDER.get(next(iter(device_types)), _AUTO_FALLBACK) if len(device_types) == 1 else _AUTO_FALLBACK
+    if requested in _NARROWED:
+        return tuple(n for n in (*order, "eager") if n in _NARROWED[requested])
+    return order
