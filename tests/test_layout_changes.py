@@ -88,3 +88,26 @@ def test_state_tensors_keep_their_identity_across_a_layout_change() -> None:
     opt.step()
     assert opt.state[w]["exp_avg"] is held and held.stride() == w.stride()
     assert not torch.equal(held, before)  # it kept being updated
+
+
+def test_a_gradient_kept_across_a_parameter_relayout_is_read_in_the_new_order(backend: str) -> None:
+    """The same gradient tensor (same address, shape, strides) before and after its parameter
+    is re-laid out (`.data` transposed in memory): what the kernels read for it depends on the
+    parameter's layout too (a gradient laid out unlike its parameter is copied into the
+    parameter's order), so nothing cached for the gradient alone may be reused. Found by the
+    mutation fuzz, where the allocator handed a new gradient the old one's address."""
+    torch.manual_seed(0)
+    p = torch.randn(6, 5, requires_grad=True)
+    ref = p.detach().clone()
+    opt = LookaheadAdam([p], lr=0.05, k=3, alpha=0.7, backend=backend)
+    want = LookaheadAdam([ref.requires_grad_()], lr=0.05, k=3, alpha=0.7, backend="eager")
+    g = torch.randn(6, 5)  # contiguous, kept for every step
+    for step in range(6):
+        if step == 2:
+            p.data = p.data.t().contiguous().t()  # the parameter's memory order changes, not its values
+        p.grad, ref.grad = g, g.clone()
+        opt.step()
+        want.step()
+        torch.testing.assert_close(p, ref, **TOLERANCES[torch.float32], msg=f"step {step + 1}")
+        for key in ("exp_avg", "exp_avg_sq", "slow_weights"):
+            torch.testing.assert_close(opt.state[p][key], want.state[ref][key], **TOLERANCES[torch.float32])

@@ -41,7 +41,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -56,9 +57,10 @@ try:
     import triton
     import triton.language as tl
 
-    from lookahead_fused import triton_kernels as kernels
+    # triton_kernels/ installs as this subpackage (setup.py's package_dir): mypy sees no module.
+    from lookahead_fused import triton_kernels as kernels  # type: ignore[attr-defined]
 except ImportError as e:  # triton (or the kernels package) is not installed
-    triton = tl = kernels = None  # type: ignore[assignment]
+    triton = tl = kernels = None
     _IMPORT_ERROR: str | None = f"the Triton kernels cannot be imported: {e}"
 else:
     _IMPORT_ERROR = None
@@ -133,7 +135,7 @@ def step(
         _Launch(kind, group, b, gs, grad_scale, found_inf, on_device, capture)
         for b, gs in zip(buckets, grads, strict=True)
     ]
-    alpha_hats: list[Tensor | None] = [None] * len(launches)
+    alpha_hats: Sequence[Tensor | None] = [None] * len(launches)
     for phase in phases(kind, group, mode):
         if phase == kernels.PHASE_SYNC_ONLY:
             alpha_hats = _alpha_hat(group, launches)
@@ -394,7 +396,11 @@ def _grad_addresses(b: Bucket, grads: list[Tensor | None], capture: bool = False
     bucket's life, so that evicting it from the few kept here cannot free what a graph reads."""
     cache = b.backend_cache
     kept: dict[tuple, tuple[Tensor, dict[int, Tensor], bool, list]] = cache.setdefault("triton_grads", {})
-    key = b.grad_key  # Bucket.grads: addresses, shapes, strides, dtypes (None: not keyable)
+    # Bucket.grads: addresses, shapes, strides, dtypes (None: not keyable); and the parameters'
+    # layout version, since whether a gradient is read in place or through a scratch copy in its
+    # parameter's order depends on the parameter's strides too (a gradient kept across `.data`
+    # re-laid out would otherwise be read in the old order).
+    key = None if b.grad_key is None else (b.param_version, b.grad_key)
     if capture and (key is None or key not in kept):
         last = kept.get(cache.get("triton_grads_last"))  # type: ignore[arg-type]
         raise capture_error("triton", b, None if last is None else last[3], grads, "gradient")
@@ -410,7 +416,7 @@ def _grad_addresses(b: Bucket, grads: list[Tensor | None], capture: bool = False
     if capture:
         keep_captured(cache, "triton_captured", vector, *relayout.values())
     for i, scratch in relayout.items():
-        scratch.copy_(grads[i])
+        scratch.copy_(cast(Tensor, grads[i]))  # a relayout entry is a gradient, never None
     return vector, aligned
 
 
