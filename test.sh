@@ -3,6 +3,7 @@
 #   pytest -q tests bench "$@"  with TRITON_INTERPRET=1 (Triton kernels run on CPU tensors);
 #                               bench/ runs its pytest-benchmark suite once, untimed
 #   ruff check / ruff format --check over the Python sources
+#   mypy over lookahead_fused/ (its settings: pyproject.toml's [tool.mypy])
 #   clang-format --dry-run -Werror over csrc/ (the style in .clang-format)
 # and fails when any of them fails, or when pytest collected no test at all.
 #   bash test.sh                        # everything
@@ -19,6 +20,7 @@ failed=()
 # Python sources only: recent ruff also formats the code blocks of Markdown files.
 "$PY" -m ruff check --extend-exclude '*.md' . || failed+=("ruff check")
 "$PY" -m ruff format --check --extend-exclude '*.md' . || failed+=("ruff format --check")
+"$PY" -m mypy || failed+=("mypy")
 mapfile -t cxx_sources < <(find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' | sort)
 "$VENV/bin/clang-format" --dry-run -Werror "${cxx_sources[@]}" || failed+=("clang-format (run: .venv/bin/clang-format -i csrc/...)")
 rc=0

@@ -31,12 +31,15 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import compress, repeat
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
 
 from . import reference
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 # State entries that are counters (fp32 scalars), not tensors shaped like the parameter.
 COUNTER_KEYS = ("step", "lookahead_step")
@@ -45,7 +48,7 @@ _GRAD, _SHAPE = operator.attrgetter("grad"), operator.attrgetter("shape")
 _DTYPE = operator.attrgetter("dtype")
 
 
-def _dtensor_class() -> type | None:
+def _dtensor_class() -> type[DTensor] | None:
     """DTensor, if anything has imported it: a tensor cannot be one otherwise. Importing
     torch.distributed.tensor here would add about 2 s to `import lookahead_fused`."""
     module = sys.modules.get("torch.distributed.tensor")
@@ -67,6 +70,7 @@ def _wrap_like(view: Tensor, p: Tensor) -> Tensor:
     """A DTensor over a local state view, sharded like the parameter p (no copy)."""
     cls = _dtensor_class()
     assert cls is not None  # p is one
+    p = cast("DTensor", p)
     return cls.from_local(view, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
 

@@ -83,6 +83,12 @@ class ResNet(nn.Module):
     channels of the stem and the first stage (64 in the paper); each later stage doubles it.
     A smaller width gives the same architecture at a fraction of the cost, for quick runs."""
 
+    # Added by add_module in __init__ (for mypy, which would see nn.Module.__getattr__'s type).
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+
     def __init__(self, arch: str | tuple[str, Sequence[int]], num_classes: int = 1000, width: int = 64) -> None:
         """arch: a name of ARCHS, or (block kind, blocks per stage) for another depth."""
         super().__init__()

@@ -12,6 +12,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterable, Iterator
+from types import FrameType
 from typing import Any
 
 import torch
@@ -90,6 +91,7 @@ def _tell_once(key: tuple, message: str) -> None:
 def _caller_level() -> int:
     """The stacklevel of the first frame outside lookahead_fused and torch: the user's line
     that built or stepped the optimizer, whatever wrappers (torch.optim's hooks) lie between."""
+    frame: FrameType | None
     frame, level = sys._getframe(2), 2  # the caller of warnings.warn's caller
     inside = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
     while frame is not None and frame.f_code.co_filename.startswith(inside):
@@ -293,7 +295,7 @@ class _LookaheadOptimizer(Optimizer):
     # -- the step -------------------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Any = None) -> Any:
         """One Lookahead step: the inner update, and on every k-th step the sync."""
         if self._in_slow_weights:
             raise RuntimeError("step() inside `with optimizer.slow_weights():` (the parameters hold the slow weights)")
@@ -346,7 +348,7 @@ class _LookaheadOptimizer(Optimizer):
         for group, settings in zip(self.param_groups, current):
             for key, value in settings.items():
                 group.setdefault(key, value)
-        id_map = {}
+        id_map: dict[int, Tensor] = {}
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
             id_map.update(zip(saved_group["params"], group["params"]))
         for pid, values in saved_state.items():

@@ -139,10 +139,10 @@ class Report:
         err = (got64 - want64).abs().max().item()
         if not err <= self.max_abs:
             self.max_abs, self.worst = err, what
-        if not torch.allclose(got64, want64, **tol):
+        if not torch.allclose(got64, want64, **tol):  # type: ignore[arg-type]  # atol, rtol: floats
             self.failures.append(f"{what}: max abs error {err:.3g} beyond atol={tol['atol']} rtol={tol['rtol']}")
         elif most is not None:
-            within = torch.isclose(got64, want64, **most).double().mean().item()
+            within = torch.isclose(got64, want64, **most).double().mean().item()  # type: ignore[arg-type]  # as above
             if within < MOST_WITHIN:
                 self.failures.append(
                     f"{what}: only {within:.0%} of the elements within atol={most['atol']} rtol={most['rtol']} "

@@ -52,7 +52,8 @@ advance the lookahead counter.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from collections import defaultdict
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -79,6 +80,10 @@ _LOOKAHEAD_DEFAULTS = ("k", "alpha", "inner_state")
 _SLOW = "slow_weights"
 _COUNT = "lookahead_step"
 _CACHED = "cached_"  # prefix of the pullback cache of the momentum entry
+# Optimizer._group_tensors_by_device_and_dtype's argument and result as torch types them (entries
+# may be None) and as this file uses them (lists of tensors, never None): cast from one to the other.
+_TorchTensorLists = list[list[Tensor | None]]
+_Grouped = dict[Any, tuple[list[list[Tensor]], list[int]]]
 
 
 def _momentum_key(optimizer: Optimizer) -> str | None:
@@ -127,7 +132,7 @@ class Lookahead(Optimizer):
 
     # -- the inner optimizer's groups and state, shared -------------------------------------
 
-    @property  # type: ignore[override]
+    @property
     def param_groups(self) -> list[dict[str, Any]]:
         return self.optimizer.param_groups
 
@@ -135,12 +140,12 @@ class Lookahead(Optimizer):
     def param_groups(self, value: list[dict[str, Any]]) -> None:
         self.optimizer.param_groups = value
 
-    @property  # type: ignore[override]
-    def state(self) -> dict[Tensor, Any]:
+    @property
+    def state(self) -> defaultdict[Tensor, Any]:
         return self.optimizer.state
 
     @state.setter
-    def state(self, value: dict[Tensor, Any]) -> None:
+    def state(self, value: defaultdict[Tensor, Any]) -> None:
         self.optimizer.state = value
 
     def __getstate__(self) -> dict[str, Any]:
@@ -186,7 +191,7 @@ class Lookahead(Optimizer):
 
     # -- the step ------------------------------------------------------------------------------
 
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Any = None) -> Any:
         """The inner optimizer's step (it evaluates `closure`, whose loss is returned), then
         for each group t ← t + 1 and, when t % k == 0, the sync."""
         if self._in_slow_weights:
@@ -254,7 +259,7 @@ class Lookahead(Optimizer):
         if not params:
             return
         slows = [self._lookahead_state[p][_SLOW] for p in params]
-        grouped = self._group_tensors_by_device_and_dtype([params, slows])
+        grouped = cast(_Grouped, self._group_tensors_by_device_and_dtype(cast(_TorchTensorLists, [params, slows])))
         for (fast, slow), _ in grouped.values():
             # φ has the parameter's dtype except for low-precision parameters (fp32 φ): the
             # lerp then reads θ in φ's dtype, and the copy rounds φ back once.
@@ -288,7 +293,8 @@ class Lookahead(Optimizer):
             cached.append(c)
         if not moments:
             return
-        for (ms, cs), _ in self._group_tensors_by_device_and_dtype([moments, cached]).values():
+        grouped = cast(_Grouped, self._group_tensors_by_device_and_dtype(cast(_TorchTensorLists, [moments, cached])))
+        for (ms, cs), _ in grouped.values():
             torch._foreach_mul_(ms, alpha)
             torch._foreach_add_(ms, cs, alpha=1 - alpha)
             torch._foreach_copy_(cs, ms)

@@ -40,10 +40,10 @@ from . import eager
 from ._compiled import check_bucket, fallback_reasons, grad_scratch, record, set_bucket_args
 
 try:
-    from .. import _C
+    from .. import _C  # type: ignore[attr-defined]  # compiled (pybind11): mypy sees no module
 except ImportError as e:  # the compiled core is not built (e.g. a source checkout)
     _C = None
-    _IMPORT_ERROR = f"lookahead_fused._C is not built: {e}"
+    _IMPORT_ERROR: str | None = f"lookahead_fused._C is not built: {e}"
 else:
     _IMPORT_ERROR = None
 

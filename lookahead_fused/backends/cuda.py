@@ -50,9 +50,9 @@ semantics; `Bucket.stepped_by` records which of the two stepped a bucket, and wh
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -64,10 +64,10 @@ from ._capture import capturing as capturing_now
 from ._compiled import check_bucket, fallback_reasons, grad_scratch, record, set_bucket_args
 
 try:
-    from .. import _C
+    from .. import _C  # type: ignore[attr-defined]  # compiled (pybind11): mypy sees no module
 except ImportError as e:  # the compiled core is not built (e.g. a source checkout)
     _C = None
-    _IMPORT_ERROR = f"lookahead_fused._C is not built: {e}"
+    _IMPORT_ERROR: str | None = f"lookahead_fused._C is not built: {e}"
 else:
     _IMPORT_ERROR = None
 
@@ -430,7 +430,7 @@ def _tables(target: _Target, b: Bucket, grads: list[Tensor | None], capturing: b
     # Gradients whose strides differ from their parameter's are copied, every step, into a
     # scratch tensor with the parameter's layout (the table points at the scratch).
     for i, scratch in tables.relayout.items():
-        scratch.copy_(grads[i])
+        scratch.copy_(cast(Tensor, grads[i]))  # a relayout entry is a gradient, never None
     return tables
 
 
@@ -499,7 +499,7 @@ class ChunkPlan:
 
 
 def plan_chunks(
-    sizes: list[int], max_grid: int, max_chunk: int, min_chunk: int | None = None, overhead: int = CHUNK_OVERHEAD
+    sizes: Sequence[int], max_grid: int, max_chunk: int, min_chunk: int | None = None, overhead: int = CHUNK_OVERHEAD
 ) -> ChunkPlan:
     """The chunk table and grid for parameters of `sizes` elements on a device that runs
     `max_grid` blocks at once (a pure function: the backend and tests/test_cuda_balance.py call it).

@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor
@@ -49,7 +49,11 @@ from ._capture import capturing
 
 # A hyperparameter or coefficient: a Python number on the host path, a 0-dim tensor on the
 # device path. The foreach ops take either (Scalar / Tensor overloads), so the math is written once.
+# A list[Number] (all floats, or all tensors) matches neither of the stubs' overloads, a list of
+# numbers or a list of tensors, so passing one to a foreach op needs a `type: ignore[arg-type]`.
 Number = float | Tensor
+# Tensors as the foreach ops take them: a list, or the tuple a foreach op returns.
+_Tensors = list[Tensor] | tuple[Tensor, ...]
 
 # The state "reset" restarts (reference.lookahead_sync): moments and the inner step, not the
 # slow weights, the lookahead counter or the pullback caches.
@@ -96,7 +100,7 @@ class _Context:
     md: torch.dtype  # the math dtype: fp64 for fp64 parameters, else fp32
     lr: Number
     grad_scale: Tensor | None
-    skip: bool | Tensor  # False, or (found_inf != 0) as a 0-dim bool tensor on the bucket's device
+    skip: Literal[False] | Tensor  # False, or (found_inf != 0) as a 0-dim bool tensor on the bucket's device
     ok: Number  # 1 − skip: 1.0, or a 0-dim tensor of the math dtype holding exactly 1 or 0
     host_steps: list[float] | None  # host path: the host's copy of flat["step"]; device path: None
 
@@ -112,7 +116,7 @@ class _Context:
             return cls(bucket, md, float(lr), scale, False, 1.0, _host_steps(bucket))
         if isinstance(lr, Tensor):
             lr = lr.to(device=bucket.device, dtype=md)  # put lr on the parameters' device to capture the step
-        skip: bool | Tensor = False
+        skip: Literal[False] | Tensor = False
         ok: Number = 1.0
         if found_inf is not None:
             skip = found_inf.to(bucket.device) != 0
@@ -236,7 +240,7 @@ def _lerp_(start: list[Tensor], end: list[Tensor], weight: Number) -> None:
     torch._foreach_lerp_(start, end, [weight] * len(start) if isinstance(weight, Tensor) else weight)
 
 
-def _add_scaled_(dst: list[Tensor], src: list[Tensor], scale: Number) -> None:
+def _add_scaled_(dst: list[Tensor], src: _Tensors, scale: Number) -> None:
     """dst += scale * src."""
     if isinstance(scale, Tensor):
         torch._foreach_add_(dst, torch._foreach_mul(src, scale))
@@ -252,7 +256,7 @@ def _assign_(dst: list[Tensor], src: list[Tensor], where: Number) -> None:
         torch._foreach_copy_(dst, src)
 
 
-def _dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
+def _dot(a: _Tensors, b: _Tensors) -> Tensor:
     """Σ a·b over every element of both lists, accumulated in fp64."""
     products = torch._foreach_mul(a, b)
     return torch.cat([p.reshape(-1) for p in products]).sum(dtype=torch.float64)
@@ -294,7 +298,9 @@ def _inner_step(kind: str, c: _Context, group: dict[str, Any], grads: list[Tenso
 
     wd = group["weight_decay"]
     decoupled = kind == "adamw"
-    g = c.math_grads([grads[i] for i in idx], modified=group["maximize"] or (wd != 0 and not decoupled))
+    g = c.math_grads(
+        cast("list[Tensor]", [grads[i] for i in idx]), modified=group["maximize"] or (wd != 0 and not decoupled)
+    )
     if group["maximize"]:
         torch._foreach_neg_(g)
     bc2_sqrt: list[Number] = []
@@ -317,7 +323,7 @@ def _sgd(
     momentum, dampening, wd = group["momentum"], group["dampening"], group["weight_decay"]
     if wd != 0:
         torch._foreach_add_(grads, params, alpha=wd)
-    update = grads
+    update: _Tensors = grads
     if momentum != 0:
         buf = state("momentum_buffer")
 
@@ -329,8 +335,8 @@ def _sgd(
 
         a = c.per_param(lambda s: _masked(momentum * later(s), c.ok, 1.0), idx)
         b = c.per_param(lambda s: (1 - dampening * later(s)) * c.ok, idx)
-        torch._foreach_mul_(buf, a)
-        torch._foreach_add_(buf, torch._foreach_mul(grads, b))
+        torch._foreach_mul_(buf, a)  # type: ignore[arg-type]  # see Number
+        torch._foreach_add_(buf, torch._foreach_mul(grads, b))  # type: ignore[arg-type]  # see Number
         update = torch._foreach_add(grads, buf, alpha=momentum) if group["nesterov"] else buf
     c.advance_steps(idx)
     _add_scaled_(params, update, -c.lr * c.ok)
@@ -369,10 +375,10 @@ def _adam(
     bc2_sqrt = c.per_param(lambda s: _bias_correction(beta2, s) ** 0.5, idx)
     neg_step_size = c.per_param(lambda s: -lr * ok / _bias_correction(beta1, s), idx)
     denom = torch._foreach_sqrt(second_moment)
-    torch._foreach_div_(denom, bc2_sqrt)
+    torch._foreach_div_(denom, bc2_sqrt)  # type: ignore[arg-type]  # see Number
     torch._foreach_add_(denom, group["eps"])
     # θ += m / (denom / −step_size), i.e. θ −= step_size · m / denom; step_size is 0 on a skipped step.
-    torch._foreach_div_(denom, neg_step_size)
+    torch._foreach_div_(denom, neg_step_size)  # type: ignore[arg-type]  # see Number
     torch._foreach_addcdiv_(params, exp_avg, denom)
     return bc2_sqrt
 
@@ -387,19 +393,21 @@ class _Syncing:
     c: _Context
     used: _Used | None
     sync: Number  # 1.0 (host path, a sync step) or the 0-dim 0/1 mask of the device path
-    sync_bool: bool | Tensor
+    sync_bool: Literal[True] | Tensor
     params: list[Tensor]  # θ in the math dtype (bucket.params, or copies)
     slow_views: list[Tensor]  # φ as stored
     slow: list[Tensor]  # φ in the math dtype (slow_views, or copies)
 
 
-def _sync_group(kind: str, group: dict[str, Any], syncing: list[tuple[_Context, _Used | None, bool | Tensor]]) -> None:
+def _sync_group(
+    kind: str, group: dict[str, Any], syncing: list[tuple[_Context, _Used | None, Literal[True] | Tensor]]
+) -> None:
     items = []
     for c, used, sync in syncing:
         bucket = c.bucket
         # θ as stored (rounded) by the inner step, as the reference reads it.
         slow_views = [v["slow_weights"] for v in bucket.views]
-        mask = 1.0 if sync is True else sync.to(c.md)  # type: ignore[union-attr]
+        mask = 1.0 if sync is True else sync.to(c.md)
         items.append(
             _Syncing(c, used, mask, sync, _in_dtype(bucket.params, c.md), slow_views, _in_dtype(slow_views, c.md))
         )
@@ -459,7 +467,7 @@ def _adaptive_alpha(group: dict[str, Any], items: list[_Syncing]) -> Number:
         d = torch._foreach_sub([item.slow[i] for i in used.idx], [item.params[i] for i in used.idx])
         v = _in_dtype([c.bucket.views[i][key] for i in used.idx], c.md)
         curvature = torch._foreach_sqrt(v)  # Â = (√v̂ + ε) / lr
-        torch._foreach_div_(curvature, used.bias_correction2_sqrt)
+        torch._foreach_div_(curvature, used.bias_correction2_sqrt)  # type: ignore[arg-type]  # see Number
         torch._foreach_add_(curvature, eps)
         torch._foreach_div_(curvature, c.lr)
         torch._foreach_mul_(curvature, d)
