@@ -13,6 +13,10 @@ source "$(dirname "${BASH_SOURCE[0]}")/run.sh"
 
 setup_env
 stamped dev "$(inputs_hash requirements-dev.txt)" "$PY" -m pip install --quiet -r "$ROOT/requirements-dev.txt"
+# timm without its dependencies: they include torchvision, whose PyPI build does not import
+# beside this torch (requirements-dev.txt says more); timm.optim needs none of them.
+TIMM_VERSION=1.0.31
+stamped timm "$TIMM_VERSION" "$PY" -m pip install --quiet --no-deps "timm==$TIMM_VERSION"
 cd "$ROOT"
 export TRITON_INTERPRET=1
 
