@@ -179,14 +179,33 @@ def test_backend_builds_without_cmake_when_cmake_is_missing(monkeypatch, hook: s
     assert set(backend.__all__) >= {"build_sdist", "build_wheel", "build_editable", "get_requires_for_build_wheel"}
 
 
+def _tree_with_junk(dest: Path) -> Path:
+    """A copy of the tracked files, plus what a working tree also holds and an sdist must not:
+    a .venv/ with a cmake package (an unanchored "cmake/" include would take it), a build
+    folder, a built _C and bytecode."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in filter(None, listed.decode().split("\0")):
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    for junk in (".venv/lib/python3/site-packages/cmake/data/share/x.cmake", ".venv/lib/python3/site-packages/csrc/y.h",
+                 "build/cp3-cp3-linux/CMakeFiles/cmake/z.txt", "lookahead_fused/_C.cpython-3-x86_64-linux-gnu.so",
+                 "lookahead_fused/__pycache__/check.cpython-3.pyc", "dist/old.tar.gz"):  # fmt: skip
+        (dest / junk).parent.mkdir(parents=True, exist_ok=True)
+        (dest / junk).write_text("junk")
+    return dest
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="needs a git checkout")
 def test_sdist_holds_what_building_c_needs(tmp_path: Path) -> None:
     """`python -m build --sdist` as the backend runs it (no isolation: a few seconds)."""
     _backend()
+    tree = _tree_with_junk(tmp_path / "tree")
     code = (
         "import sys; sys.path.insert(0, 'buildsupport'); import lookahead_fused_backend as b; "
         f"print(b.build_sdist({str(tmp_path)!r}))"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], cwd=tree, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     name = done.stdout.split()[-1]
     with tarfile.open(tmp_path / name) as sdist:
@@ -198,8 +217,8 @@ def test_sdist_holds_what_building_c_needs(tmp_path: Path) -> None:
                    "buildsupport/lookahead_fused_backend.py", "lookahead_fused/py.typed",
                    "triton_kernels/lookahead.py"):  # fmt: skip
         assert needed in files, needed
-    tracked_csrc = {p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").rglob("*") if p.is_file()}
-    assert tracked_csrc <= files, tracked_csrc - files
+    tracked_csrc = {p.relative_to(tree).as_posix() for p in (tree / "csrc").rglob("*") if p.is_file()}
+    assert len(tracked_csrc) >= 8 and tracked_csrc <= files, tracked_csrc - files
     junk = [f for f in files if f.startswith((".venv/", "build/", "dist/")) or f.endswith(".so") or "__pycache__" in f]
     assert not junk, junk[:10]
     assert f"Version: {lookahead_fused.__version__}" in pkg_info and "License-Expression: MIT" in pkg_info
