@@ -12,13 +12,17 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 VENV=$ROOT/.venv
 PY=$VENV/bin/python
 TORCH_VERSION=2.13.0
-# Build tools for the CMake-built extension lookahead_fused._C. They go into the venv first
-# because the project installs with --no-build-isolation: an isolated build environment
-# would not see the torch already installed, and must not download a CUDA torch itself.
-BUILD_DEPS=(setuptools wheel cmake ninja pybind11)
+# The build backend (scikit-build-core, pyproject.toml) and what it runs for the CMake-built
+# extension lookahead_fused._C. They go into the venv first because the project installs with
+# --no-build-isolation: an isolated build environment would not see the torch already
+# installed, and must not download a CUDA torch itself. (torch is no build requirement.)
+BUILD_DEPS=("scikit-build-core>=0.11" "pybind11>=2.10" "cmake>=3.18" ninja)
 # What the installed project depends on: a change to any of these reinstalls it (and lets
-# `pip install -e` rebuild _C); Python sources need nothing, the install is editable.
-BUILD_INPUTS=(setup.py pyproject.toml CMakeLists.txt csrc)
+# `pip install -e` rebuild _C, incrementally, in build/<wheel tag>); other Python sources need
+# nothing, the install is editable. lookahead_fused/__init__.py holds the version.
+BUILD_INPUTS=(pyproject.toml CMakeLists.txt cmake csrc lookahead_fused/__init__.py)
+# Environment variables the build reads (README "Building"): a change reinstalls too.
+BUILD_ENV=(CMAKE_ARGS LOOKAHEAD_FUSED_CPU_ARCH LOOKAHEAD_FUSED_CUDA TORCH_CUDA_ARCH_LIST CUDACXX)
 
 # Prints one hash of the contents and names of the given files and folders (missing ones skipped).
 inputs_hash() {
@@ -61,13 +65,24 @@ ensure_torch() {
 install_project() {
     ensure_torch
     "$PY" -m pip install --quiet "${BUILD_DEPS[@]}"
-    "$PY" -m pip install --quiet --no-build-isolation -e "$ROOT[test]"
+    # The tests need _C (cpu, cuda_emulated): here a failed build is an error, not the
+    # pure-Python fallback a plain `pip install` takes (pyproject.toml).
+    LOOKAHEAD_FUSED_REQUIRE_EXTENSION=${LOOKAHEAD_FUSED_REQUIRE_EXTENSION:-1} "$PY" -m pip install --quiet --no-build-isolation -e "$ROOT[test]"
+}
+
+# One line naming the build's environment variables that are set, with their values.
+build_env() {
+    local name
+    for name in "${BUILD_ENV[@]}"; do
+        [ -n "${!name:-}" ] && printf -- '-%s=%s' "$name" "${!name}"
+    done
+    return 0
 }
 
 setup_env() {
     [ -x "$PY" ] || python3 -m venv --system-site-packages "$VENV"
-    # CMAKE_ARGS (build options, see setup.py) is an input of the build too.
-    stamped project "$(inputs_hash "${BUILD_INPUTS[@]}")${CMAKE_ARGS:+-$CMAKE_ARGS}" install_project
+    # The build's environment (CMAKE_ARGS and the rest of BUILD_ENV) is an input too.
+    stamped project "$(inputs_hash "${BUILD_INPUTS[@]}")$(build_env)" install_project
 }
 
 main() {

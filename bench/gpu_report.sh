@@ -10,7 +10,9 @@
 # its log in OUTDIR; a failing stage does not stop the others:
 #   versions   nvidia-smi, python, torch, triton, nvcc, compute-sanitizer, cmake, ninja
 #   build      lookahead_fused._C for this GPU's architecture (TORCH_CUDA_ARCH_LIST from
-#              torch.cuda.get_device_capability()), the CMake build setup.py runs, in a fresh folder
+#              torch.cuda.get_device_capability()), the CMake build pip runs, in a fresh folder,
+#              into the folder this python imports lookahead_fused._C from (an editable
+#              install's, else the source tree's)
 #   check      python -m lookahead_fused check --device cuda: every backend, fp32/bf16, GradScaler
 #   pytest     pytest -m gpu: graph capture and replay vs eager, dtypes vs the reference, devices
 #   memcheck   compute-sanitizer --tool memcheck on bench/sanitize_step.py (every kernel family)
@@ -82,10 +84,11 @@ EOF
       ;;
     build) cat <<EOF
 export TORCH_CUDA_ARCH_LIST=\$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())') && echo "TORCH_CUDA_ARCH_LIST=\$TORCH_CUDA_ARCH_LIST" &&
+LIBDIR=\$("$PY" -c 'import importlib.util, os; s = importlib.util.find_spec("lookahead_fused._C"); print(os.path.dirname(s.origin) if s and s.origin else "")' 2>/dev/null); LIBDIR=\${LIBDIR:-$ROOT/lookahead_fused} && echo "_C goes to \$LIBDIR" &&
 rm -rf "$BUILD" &&
-cmake -S "$ROOT" -B "$BUILD" -G Ninja -DPython_EXECUTABLE="$PY" -Dpybind11_DIR="\$("$PY" -m pybind11 --cmakedir)" -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$ROOT/lookahead_fused" -DCMAKE_BUILD_TYPE=Release &&
+cmake -S "$ROOT" -B "$BUILD" -G Ninja -DPython_EXECUTABLE="$PY" -Dpybind11_DIR="\$("$PY" -m pybind11 --cmakedir)" -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="\$LIBDIR" -DCMAKE_BUILD_TYPE=Release &&
 cmake --build "$BUILD" &&
-"$PY" -c 'import torch; from lookahead_fused import _C, backends; info = _C.build_info(); print(info); assert info["cuda"], "built without CUDA"; why = backends.unavailable("cuda", torch.device("cuda", 0)); assert why is None, why; print("backend cuda: usable")' &&
+"$PY" -c 'import torch; from lookahead_fused import _C, backends; print(_C.__file__); info = _C.build_info(); print(info); assert info["cuda"], "built without CUDA"; why = backends.unavailable("cuda", torch.device("cuda", 0)); assert why is None, why; print("backend cuda: usable")' &&
 "$PY" -m lookahead_fused info
 EOF
       ;;
@@ -109,7 +112,7 @@ if [ "$DRY" = 1 ]; then
     stage_command "$s" | sed 's/^/    /'
   done
   echo "== checks"
-  for f in CMakeLists.txt setup.py bench/sanitize_step.py bench/__main__.py tests/test_gpu.py tests/conftest.py \
+  for f in CMakeLists.txt pyproject.toml bench/sanitize_step.py bench/__main__.py tests/test_gpu.py tests/conftest.py \
            lookahead_fused/__main__.py lookahead_fused/check.py; do
     if [ -f "$ROOT/$f" ]; then echo "ok       file $f"; else echo "MISSING  file $f"; missing=1; fi
   done

@@ -1,7 +1,9 @@
 // The one pybind11 front file of lookahead_fused._C. Everything crosses as plain integers
 // (addresses), doubles and bools, never at::Tensor: _C does not link against torch, so one
 // build serves every torch version (DESIGN.md §4).
+#if defined(_OPENMP)
 #include <omp.h>
+#endif
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -35,7 +37,13 @@ py::dict build_info() {
   const IsaInfo selected = isa_info(selected_isa());
   info["cpu_isa"] = selected.name;  // the level the kernels run
   info["simd"] = selected.simd;     // its widest SIMD extension
+#if defined(_OPENMP)
+  info["openmp"] = true;
   info["openmp_max_threads"] = omp_get_max_threads();
+#else
+  info["openmp"] = false;  // built without OpenMP (CMakeLists.txt): the CPU kernels run on one thread
+  info["openmp_max_threads"] = 1;
+#endif
 #if defined(LOOKAHEAD_FUSED_WITH_CUDA)
   info["cuda"] = true;
   info["cuda_architectures"] = std::vector<std::string>{LOOKAHEAD_FUSED_CUDA_ARCHITECTURES};

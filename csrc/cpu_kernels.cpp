@@ -24,7 +24,9 @@
 #endif
 #include "cpu_kernels.h"
 
+#if defined(_OPENMP)
 #include <omp.h>
+#endif
 
 #include <algorithm>
 #include <cmath>

@@ -5,6 +5,7 @@ python -m lookahead_fused check [--device cpu|cuda] [--backend NAME ...] [--quic
     any disagreement beyond the tolerances of lookahead_fused.testing
 python -m lookahead_fused info
     versions, devices, which backends can run and why not, the build of lookahead_fused._C
+    (or that it is missing, and which backends remain without it)
 python -m lookahead_fused gpu-report [--dry-run] [--only STAGE,...] OUTDIR
     runs bench/gpu_report.sh of a source checkout: build, check, GPU tests, sanitizers and
     benchmark on a GPU machine, reported under OUTDIR (report.md, report.json)
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import backends, check
+from . import _extension, backends, check
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,6 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _gpu_report(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command != "info" and _extension.ERROR is not None:
+        # `info` prints it in its report; `import lookahead_fused` did not warn under -m.
+        print(f"warning: {_extension.missing_message()}", file=sys.stderr)
     if args.command == "info":
         check.print_info()
         return 0

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from . import __version__, backends, testing
+from . import __version__, _extension, backends, testing
 
 DTYPES = (torch.float32, torch.bfloat16)
 GRAD_SCALER = (False, True)
@@ -113,9 +113,12 @@ def print_info() -> None:
     else:
         print("cuda: not available")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if info["gpus"] else [])
+    usable = {}
     for device in devices:
         print(f"backends on {device}:")
-        for name, why in backend_status(device).items():
+        status = backend_status(device)
+        usable[device] = [name for name, why in status.items() if why is None]
+        for name, why in status.items():
             print(f"  {name:<14} {'usable' if why is None else 'unavailable: ' + why}")
     ext = extension_info()
     if isinstance(ext, dict):
@@ -123,7 +126,12 @@ def print_info() -> None:
         for key, value in ext.items():
             print(f"  {key}: {value}")
     else:
-        print(f"lookahead_fused._C: {ext}")
+        # Said once, here: `python -m lookahead_fused` does not warn at import (__init__.py).
+        print(f"lookahead_fused._C: MISSING ({_extension.ERROR or ext})")
+        print(
+            f"  without it the {', '.join(_extension.NEEDS_EXTENSION)} backends cannot run; usable here: "
+            + "; ".join(f"{', '.join(names) or 'none'} on {device}" for device, names in usable.items())
+        )
 
 
 @dataclass

@@ -187,7 +187,17 @@ def test_registers_within_launch_bounds(info) -> None:
 
 
 def _build_dir() -> Path:
-    return ROOT / "build" / f"cmake-{sys.implementation.cache_tag}"
+    """The build folder of this environment's editable install (pyproject.toml: build/<wheel
+    tag>, kept between installs): the newest under build/ configured with a Python of the
+    folder sys.executable is in (python or python3 of the same venv)."""
+    mine = []
+    for cache in (ROOT / "build").glob("*/CMakeCache.txt"):
+        found = re.search(r"^Python_EXECUTABLE:\w+=(.+)$", cache.read_text(errors="replace"), re.MULTILINE)
+        if found and Path(found.group(1)).parent == Path(sys.executable).parent:
+            mine.append(cache)
+    if not mine:
+        return ROOT / "build" / "<none configured for this python>"
+    return max(mine, key=lambda c: c.stat().st_mtime).parent
 
 
 def test_ptxas_log_kept_and_clean(info) -> None:
