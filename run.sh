@@ -21,7 +21,7 @@ BUILD_DEPS=("scikit-build-core>=0.11" "pybind11>=2.10" "cmake>=3.18" ninja)
 # `pip install -e` rebuild _C, incrementally, in build/<wheel tag>); other Python sources need
 # nothing, the install is editable. lookahead_fused/__init__.py holds the version.
 BUILD_INPUTS=(pyproject.toml CMakeLists.txt cmake csrc lookahead_fused/__init__.py)
-# Environment variables the build reads (README "Building"): a change reinstalls too.
+# Environment variables the build reads (docs/building.md): a change reinstalls too.
 BUILD_ENV=(CMAKE_ARGS LOOKAHEAD_FUSED_CPU_ARCH LOOKAHEAD_FUSED_CUDA TORCH_CUDA_ARCH_LIST CUDACXX)
 
 # Prints one hash of the contents and names of the given files and folders (missing ones skipped).
