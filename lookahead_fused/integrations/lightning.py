@@ -28,22 +28,28 @@ the fused in-kernel unscaling.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
-try:
+if TYPE_CHECKING:  # mypy reads the unified package; the standalone one is a runtime fallback
     import lightning.pytorch as pl
     from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
     from lightning.pytorch.plugins.precision import MixedPrecision, Precision
     from lightning.pytorch.utilities import GradClipAlgorithmType
-except ImportError:  # the standalone package
-    import pytorch_lightning as pl  # type: ignore[no-redef]
-    from lightning_fabric.plugins.precision.amp import _optimizer_handles_unscaling  # type: ignore[no-redef]
-    from pytorch_lightning.plugins.precision import MixedPrecision, Precision  # type: ignore[no-redef]
-    from pytorch_lightning.utilities import GradClipAlgorithmType  # type: ignore[no-redef]
+else:
+    try:
+        import lightning.pytorch as pl
+        from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
+        from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+        from lightning.pytorch.utilities import GradClipAlgorithmType
+    except ImportError:  # the standalone package
+        import pytorch_lightning as pl
+        from lightning_fabric.plugins.precision.amp import _optimizer_handles_unscaling
+        from pytorch_lightning.plugins.precision import MixedPrecision, Precision
+        from pytorch_lightning.utilities import GradClipAlgorithmType
 
 from . import lookahead_of, slow_weights
 
