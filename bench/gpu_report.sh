@@ -135,7 +135,9 @@ if [ "$DRY" = 1 ]; then
   check_help "\"$PY\" -m lookahead_fused" gpu-report
   check_help "\"$PY\" -m bench" --set resnet152 --device --reps --json
   check_help "\"$PY\" bench/sanitize_step.py" --dtype --backend
-  if (cd "$ROOT" && "$PY" -m pytest --markers -p no:cacheprovider 2>/dev/null) | grep -q '@pytest.mark.gpu:'; then
+  # grep reads all of it (not -q): stopping at the first line would leave pytest writing into a
+  # closed pipe, and its failure (pipefail) would read as a missing marker.
+  if (cd "$ROOT" && "$PY" -m pytest --markers -p no:cacheprovider 2>/dev/null) | grep '@pytest.mark.gpu:' >/dev/null; then
     echo "ok       pytest marker gpu"
   else
     echo "MISSING  pytest marker gpu (tests/conftest.py)"; missing=1
