@@ -109,9 +109,7 @@ def resolve(requested: str, devices: set[torch.device]) -> str:
             if why is not None:
                 raise RuntimeError(f"backend {requested!r} cannot run on {device}: {why}")
         return requested
-    device_types = {d.type for d in devices} or {"cpu"}
-    candidates = AUTO_ORDER.get(next(iter(device_types)), _AUTO_FALLBACK) if len(device_types) == 1 else _AUTO_FALLBACK
-    for name in candidates:
+    for name in preferred("auto", devices):
         if all(unavailable(name, d) is None for d in devices):
             return name
     raise RuntimeError(f"no backend can run on {sorted(map(str, devices))}")
@@ -119,9 +117,7 @@ def resolve(requested: str, devices: set[torch.device]) -> str:
 
 def _resolve_among(requested: str, names: tuple[str, ...], devices: set[torch.device]) -> str:
     """The first of AUTO_ORDER (then eager) that is in `names` and runs on every device."""
-    device_types = {d.type for d in devices} or {"cpu"}
-    order = AUTO_ORDER.get(next(iter(device_types)), _AUTO_FALLBACK) if len(device_types) == 1 else _AUTO_FALLBACK
-    candidates = [n for n in (*order, "eager") if n in names]
+    candidates = preferred(requested, devices)
     for name in candidates:
         if all(unavailable(name, d) is None for d in devices):
             return name
