@@ -22,7 +22,7 @@ BUILD_DEPS=("scikit-build-core>=0.11" "pybind11>=2.10" "cmake>=3.18" ninja)
 # nothing, the install is editable. lookahead_fused/__init__.py holds the version.
 BUILD_INPUTS=(pyproject.toml CMakeLists.txt cmake csrc lookahead_fused/__init__.py)
 # Environment variables the build reads (docs/building.md): a change reinstalls too.
-BUILD_ENV=(CMAKE_ARGS LOOKAHEAD_FUSED_CPU_ARCH LOOKAHEAD_FUSED_CUDA TORCH_CUDA_ARCH_LIST CUDACXX)
+BUILD_ENV=(CMAKE_ARGS LOOKAHEAD_FUSED_CPU_ARCH LOOKAHEAD_FUSED_CUDA LOOKAHEAD_FUSED_TENSOR_KEYS TORCH_CUDA_ARCH_LIST CUDACXX)
 
 # Prints one hash of the contents and names of the given files and folders (missing ones skipped).
 inputs_hash() {
@@ -63,11 +63,12 @@ ensure_torch() {
 
 # The one place that installs the project: adjust build flags here.
 install_project() {
-    ensure_torch
     "$PY" -m pip install --quiet "${BUILD_DEPS[@]}"
     # The tests need _C (cpu, cuda_emulated): here a failed build is an error, not the
     # pure-Python fallback a plain `pip install` takes (pyproject.toml).
-    LOOKAHEAD_FUSED_REQUIRE_EXTENSION=${LOOKAHEAD_FUSED_REQUIRE_EXTENSION:-1} "$PY" -m pip install --quiet --no-build-isolation -e "$ROOT[test]"
+    # Likewise _tensor_keys (the C++ layout keys; the build sees this torch): required here.
+    LOOKAHEAD_FUSED_TENSOR_KEYS=${LOOKAHEAD_FUSED_TENSOR_KEYS:-ON} \
+        LOOKAHEAD_FUSED_REQUIRE_EXTENSION=${LOOKAHEAD_FUSED_REQUIRE_EXTENSION:-1} "$PY" -m pip install --quiet --no-build-isolation -e "$ROOT[test]"
 }
 
 # One line naming the build's environment variables that are set, with their values.
@@ -81,8 +82,12 @@ build_env() {
 
 setup_env() {
     [ -x "$PY" ] || python3 -m venv --system-site-packages "$VENV"
-    # The build's environment (CMAKE_ARGS and the rest of BUILD_ENV) is an input too.
-    stamped project "$(inputs_hash "${BUILD_INPUTS[@]}")$(build_env)" install_project
+    ensure_torch
+    # The build's environment (CMAKE_ARGS and the rest of BUILD_ENV) is an input too, and so
+    # is torch's version: lookahead_fused._tensor_keys is built against it (docs/building.md).
+    local torch_version
+    torch_version=$("$PY" -c "import torch; print(torch.__version__)")
+    stamped project "$(inputs_hash "${BUILD_INPUTS[@]}")$(build_env)-torch=$torch_version" install_project
 }
 
 main() {

@@ -553,7 +553,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"machine: {machine['cpu']}, {machine['cpu_count']} cores (load average {machine['load_average']}), "
         f"torch threads {machine['torch_threads']}, "
-        f"GPU {gpu}; python {machine['python']}, torch {machine['torch']}, triton {machine['triton'] or '-'}"
+        f"GPU {gpu}; python {machine['python']}, torch {machine['torch']}, triton {machine['triton'] or '-'}; "
+        f"layout checks in {machine['layout_checks']}"
     )
     timer = "CUDA events" if device.type == "cuda" else "perf_counter"
     floor = "floor: stream kernel measured here" + (

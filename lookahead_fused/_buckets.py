@@ -28,7 +28,7 @@ import contextlib
 import gc
 import operator
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import compress, repeat
 from typing import TYPE_CHECKING, Any, cast
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import Tensor
 
-from . import reference
+from . import _extension, reference
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -92,20 +92,44 @@ def collector_paused() -> Iterator[None]:
         gc.enable()
 
 
-def layout_key(tensors: list[Tensor]) -> tuple:
-    """Address, shape, strides and dtype of every tensor, read with C-level accessors only
-    (four passes, about 0.13 ms for 467 tensors). Equal keys mean that whatever was checked
-    about the tensors' memory still holds. The device is not read: it follows from the
-    address (a tensor moves to another device only into another allocation, and no two live
-    allocations of different devices share an address, CUDA's unified addressing included).
-    Raises RuntimeError for tensors without strided storage (sparse)."""
-    ts = tensors
+def python_layout_key(tensors: Sequence[Tensor | None]) -> Hashable:
+    """Address, shape, strides and dtype of every tensor, and where the Nones are, read with
+    torch's C-level Python accessors (five passes, about 0.5 us a tensor). Equal keys mean
+    that whatever was checked about the tensors' memory still holds. The device is not read:
+    it follows from the address (a tensor moves to another device only into another
+    allocation, and no two live allocations of different devices share an address, CUDA's
+    unified addressing included). Raises RuntimeError for tensors without strided storage
+    (sparse)."""
+    has = tuple(map(operator.is_not, tensors, repeat(None)))
+    ts = tensors if all(has) else list(compress(tensors, has))
     return (
-        tuple(map(Tensor.data_ptr, ts)),
+        has,
+        tuple(map(Tensor.data_ptr, ts)),  # type: ignore[arg-type]
         tuple(map(_SHAPE, ts)),
-        tuple(map(Tensor.stride, ts)),
+        tuple(map(Tensor.stride, ts)),  # type: ignore[arg-type]
         tuple(map(_DTYPE, ts)),
     )
+
+
+# The key the checks compare at every step: the same fields read in C++ from the at::Tensor
+# behind each tensor and packed into one bytes object (csrc/tensor_keys.cpp, about 25 ns a
+# tensor), where lookahead_fused._tensor_keys was built for this torch; else the Python one.
+# Both raise RuntimeError for tensors without strided storage. tests/test_tensor_keys.py
+# checks that the two tell the same changes apart.
+layout_key: Callable[[Sequence[Tensor | None]], Hashable] = (
+    python_layout_key if _extension.TENSOR_KEYS is None else _extension.TENSOR_KEYS.layout_key
+)
+
+
+def python_grads(tensors: Sequence[Tensor]) -> list[Tensor | None]:
+    """[t.grad for t in tensors], through torch's Python getter (about 0.18 us a tensor)."""
+    return list(map(_GRAD, tensors))
+
+
+# The same list read in C++ where lookahead_fused._tensor_keys is built (the same objects).
+grads_of: Callable[[Sequence[Tensor]], list[Tensor | None]] = (
+    python_grads if _extension.TENSOR_KEYS is None else _extension.TENSOR_KEYS.grads
+)
 
 
 def is_dense(t: Tensor) -> bool:
@@ -201,9 +225,9 @@ class Bucket:
     # What the checks of the parameters and of the gradients last saw (`layout_key`), and a
     # version number bumped whenever it changed: the compiled backends rebuild their address
     # tables when a version moves, so neither side re-walks 467 tensors on a steady step.
-    param_key: tuple | None = None
+    param_key: Hashable | None = None
     param_version: int = 0
-    grad_key: tuple | None = None
+    grad_key: Hashable | None = None
     grad_version: int = 0
     # Which backend stepped the bucket last, and why that is not the one the optimizer asked
     # for: (name, None) when the compiled backend's own kernels did, (fallback name, reason)
@@ -245,7 +269,7 @@ class Bucket:
             if not changed:
                 del key  # freed here, with the collector held off
         if changed:
-            if any(d != self.dtype for d in key[3]) or any(p.device != self.device for p in self.params):
+            if any(p.dtype != self.dtype or p.device != self.device for p in self.params):
                 return True
             self.check_fit()
             self.follow_layouts()
@@ -285,7 +309,7 @@ class Bucket:
         """The parameters' gradients, checked before any backend touches them; the checks
         run again only when a gradient's address, shape, strides, dtype or device changed."""
         if self.owners is None:
-            grads = list(map(_GRAD, self.params))
+            grads = grads_of(self.params)
         else:
             grads = [self._local_grad(who, p) for p in self.owners]
         self.check_grads(who, grads)
@@ -305,15 +329,13 @@ class Bucket:
         to the torch.compile op, lookahead_fused._ops), unless the same layout was checked
         last time; `grad_key` and `grad_version` say what was checked."""
         with collector_paused():
-            has = tuple(map(operator.is_not, grads, repeat(None)))
-            present = grads if all(has) else list(compress(grads, has))
             try:
-                key: tuple | None = (has, layout_key(present))  # type: ignore[arg-type]
+                key: Hashable | None = layout_key(grads)
             except RuntimeError:  # no strided storage (sparse): the checks below say what is wrong
                 key = None
             changed = key is None or key != self.grad_key
             if not changed:
-                del key, has, present  # freed here, with the collector held off
+                del key  # freed here, with the collector held off
         if changed:
             self._check_grads(who, grads)
             self.grad_key = key

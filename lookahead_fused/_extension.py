@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
+from typing import Any
 
 # The backends built from csrc/ (lookahead_fused.backends): nothing else needs _C.
 NEEDS_EXTENSION = ("cpu", "cuda", "cuda_emulated")
@@ -32,6 +33,23 @@ def _load() -> str | None:
 
 # Why `lookahead_fused._C` did not import, or None when it did (checked once, at import).
 ERROR: str | None = _load()
+
+
+def _load_tensor_keys() -> tuple[Any, str | None]:
+    """(lookahead_fused._tensor_keys, None), or (None, why not). The module is optional and
+    bound to the torch it was built with (csrc/tensor_keys.cpp): without it the front-end
+    reads its per-step layout keys in Python (lookahead_fused/_buckets.py), with the same
+    checks, at a few times the host time per tensor."""
+    import torch  # noqa: F401 (first: its libraries are the ones _tensor_keys links against)
+
+    try:
+        return importlib.import_module("lookahead_fused._tensor_keys"), None
+    except ImportError as e:
+        return None, f"{type(e).__name__}: {e}"
+
+
+# The C++ layout keys, or None, and why not (checked once, at import).
+TENSOR_KEYS, TENSOR_KEYS_ERROR = _load_tensor_keys()
 
 
 def missing_message() -> str:

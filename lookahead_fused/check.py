@@ -88,6 +88,8 @@ def machine_info() -> dict[str, Any]:
         # under a load near the core count are not the machine's
         "load_average": round(os.getloadavg()[0], 2),
         "gpus": gpus,
+        # how each step checks the tensors' layouts: host time per step depends on it
+        "layout_checks": "C++" if _extension.TENSOR_KEYS is not None else "Python",
     }
 
 
@@ -120,6 +122,11 @@ def print_info() -> None:
         usable[device] = [name for name, why in status.items() if why is None]
         for name, why in status.items():
             print(f"  {name:<14} {'usable' if why is None else 'unavailable: ' + why}")
+    keys = _extension.TENSOR_KEYS
+    if keys is not None:
+        print(f"layout checks: C++ (lookahead_fused._tensor_keys, built for torch {keys.torch_version})")
+    else:
+        print(f"layout checks: Python, several times the host time per step ({_extension.TENSOR_KEYS_ERROR})")
     ext = extension_info()
     if isinstance(ext, dict):
         print("lookahead_fused._C build info:")

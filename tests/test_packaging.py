@@ -97,22 +97,55 @@ def test_installed_metadata_matches_the_package() -> None:
     assert installed == lookahead_fused.__version__
 
 
+# The one optional target built against torch (csrc/tensor_keys.cpp): its CMake block, from
+# its option to the message that says it was left out.
+TENSOR_KEYS_BLOCK = re.compile(r"set\(LOOKAHEAD_FUSED_TENSOR_KEYS .*?no _tensor_keys[^\n]*\n", re.S)
+
+
 def test_torch_is_not_a_build_requirement() -> None:
-    """Build isolation would download a multi-GB CUDA torch; the CMake build needs none."""
+    """Build isolation would download a multi-GB CUDA torch; the CMake build needs none. Only
+    _tensor_keys uses torch, inside one block that builds it when the building Python imports
+    torch (test_a_build_without_torch_leaves_out_tensor_keys_only)."""
     requires = PYPROJECT["build-system"]["requires"]
     assert not [r for r in requires if re.match(r"torch\b", r)]
     for path in (ROOT / "CMakeLists.txt", *(ROOT / "cmake").glob("*.cmake")):
         code = re.sub(r"#[^\n]*", "", path.read_text())  # comments may name torch
+        if path.name == "CMakeLists.txt":
+            code, found = TENSOR_KEYS_BLOCK.subn("", code)
+            assert found == 1, "the _tensor_keys block of CMakeLists.txt moved: update TENSOR_KEYS_BLOCK"
         # TORCH_CUDA_ARCH_LIST is an environment variable in torch's syntax, read by CMake itself
         assert not re.search(r"torch", code.replace("TORCH_CUDA_ARCH_LIST", ""), re.I), path
     includes = [
         line
         for path in (ROOT / "csrc").rglob("*")
-        if path.suffix in (".cpp", ".h", ".cu")
+        if path.suffix in (".cpp", ".h", ".cu") and path.name != "tensor_keys.cpp"
         for line in path.read_text().splitlines()
         if re.match(r"\s*#\s*include\s*[<\"](torch|ATen|c10)/", line)
     ]
     assert not includes, includes
+
+
+def test_a_build_without_torch_leaves_out_tensor_keys_only(tmp_path: Path) -> None:
+    """Configured by a Python that cannot import torch (an isolated build), CMake builds _C
+    and leaves out _tensor_keys, saying why; with LOOKAHEAD_FUSED_TENSOR_KEYS=ON it stops."""
+    pybind11 = pytest.importorskip("pybind11")
+    blocker = tmp_path / "no_torch"
+    blocker.mkdir()
+    (blocker / "torch.py").write_text("raise ImportError('no torch in this build environment')\n")
+    env = {**os.environ, "PYTHONPATH": str(blocker)}
+    args = ["cmake", "-S", str(ROOT), f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", "-DLOOKAHEAD_FUSED_CUDA=OFF"]  # fmt: skip
+    if shutil.which("ninja"):
+        args += ["-G", "Ninja"]
+    done = subprocess.run([*args, "-B", str(tmp_path / "auto")], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "lookahead_fused: no _tensor_keys (" in done.stdout and "cannot import torch" in done.stdout, done.stdout
+    assert "_tensor_keys" not in (tmp_path / "auto" / ("build.ninja" if "Ninja" in args else "Makefile")).read_text()
+    required = subprocess.run(
+        [*args, "-B", str(tmp_path / "on"), "-DLOOKAHEAD_FUSED_TENSOR_KEYS=ON"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert required.returncode != 0 and "LOOKAHEAD_FUSED_TENSOR_KEYS=ON, but" in required.stderr
 
 
 # --- build settings ------------------------------------------------------------------------
