@@ -16,11 +16,12 @@ import os
 import sys
 
 from scikit_build_core import build as _skbuild
-from scikit_build_core.build import *  # noqa: F403 (the PEP 517/660 hooks)
-from scikit_build_core.build import __all__ as _hooks
 from scikit_build_core.errors import NotFoundError
 
-__all__ = list(_hooks)
+# The PEP 517/660 hooks, scikit-build-core's own: those its __all__ names and this version
+# defines (0.11 names prepare_metadata_for_build_editable in __all__ where it may be absent).
+__all__ = [name for name in _skbuild.__all__ if hasattr(_skbuild, name)]
+globals().update({name: getattr(_skbuild, name) for name in __all__})
 
 
 def _extension_required() -> bool:

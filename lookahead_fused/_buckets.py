@@ -1,5 +1,8 @@
 """Buckets: the parameters of one group on one device with one dtype, their state flat.
 
+(Complex parameters are stepped as their real views, in buckets of their own: see
+`build_buckets`.)
+
 A bucket owns its optimizer state as flat contiguous buffers, one per state entry
 (`exp_avg`, `exp_avg_sq`, `max_exp_avg_sq`, `momentum_buffer`, `slow_weights`, the
 pullback caches) plus two fp32 counter vectors (`step` and `lookahead_step`, one slot per
@@ -61,9 +64,13 @@ def is_sharded(t: Tensor) -> bool:
 
 
 def local(t: Tensor) -> Tensor:
-    """The part of t this process holds: a DTensor's local shard, or t itself. The shard
-    tensor itself (not a `to_local()` view), so its address is the memory the shard lives in."""
-    return t._local_tensor if is_sharded(t) else t  # type: ignore[attr-defined]
+    """What the kernels update for t: the part of it this process holds (a DTensor's local
+    shard: the shard tensor itself, not a `to_local()` view, so its address is the memory the
+    shard lives in), as real numbers (a complex tensor's real view, (..., 2), as torch.optim
+    steps complex parameters); t itself for a plain real tensor."""
+    if is_sharded(t):
+        t = t._local_tensor  # type: ignore[attr-defined]
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def _wrap_like(view: Tensor, p: Tensor) -> Tensor:
@@ -215,9 +222,12 @@ class Bucket:
     slow_dtype: torch.dtype
     flat: dict[str, Tensor]  # state key -> flat buffer ("step" and "lookahead_step" of length n)
     views: list[dict[str, Tensor]]  # per parameter: its state views (optimizer.state[p], or wrapped)
-    # The parameters as registered in the group (DTensors for FSDP2); None when they are the
-    # `params` themselves.
+    # The parameters as registered in the group (DTensors for FSDP2, complex tensors); None
+    # when they are the `params` themselves.
     owners: list[Tensor] | None = None
+    # Per parameter, the state dict `optimizer.state[owner]` holds when it is not `views[i]`
+    # (a sharded or complex owner: DTensors, complex views of the same memory); else None.
+    owner_views: list[dict[str, Tensor] | None] | None = None
     # The group's lookahead counter as the host knows it; None after a step whose sync
     # decision was made on the device (GradScaler's found_inf, capturable).
     host_count: int | None = None
@@ -239,6 +249,11 @@ class Bucket:
     stepped_by: tuple[str, str | None] | None = None
     # (param_version, kernel_layout_problem()) as last worked out.
     _layout_problem: tuple[int, str | None] | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether some parameter is a DTensor (FSDP2): the bucket steps its local shards."""
+        return self.owners is not None and any(map(is_sharded, self.owners))
 
     def kernel_layout_problem(self) -> str | None:
         """Why kernels that walk a parameter and its state side by side, linearly in memory,
@@ -283,7 +298,8 @@ class Bucket:
         kept: the kernels walk a parameter and its state side by side in memory, so state
         element i must stay beside parameter element i. Each view is re-strided in place, so
         `optimizer.state[p]` and any reference to its tensors stay valid."""
-        for p, view in zip(self.params, self.views):
+        owner_views = self.owner_views or [None] * len(self.params)
+        for p, view, owner_view in zip(self.params, self.views, owner_views):
             want = p.stride() if is_dense(p) else _contiguous_strides(p.shape)
             for key, t in view.items():
                 if key in COUNTER_KEYS or (t.stride() == want and t.shape == p.shape):
@@ -291,6 +307,11 @@ class Bucket:
                 values = t.clone()  # in logical order
                 t.as_strided_(p.shape, want, t.storage_offset())
                 t.copy_(values.reshape(p.shape))
+                c = None if owner_view is None else owner_view.get(key)
+                if c is not None and c.is_complex() and not is_sharded(c):
+                    # The complex view the state dict holds, over the same memory, follows too
+                    # (a real view's strides are the complex ones doubled, plus a 1 for the parts).
+                    c.as_strided_(p.shape[:-1], [s // 2 for s in want[:-1]], t.storage_offset() // 2)
 
     def check_fit(self) -> None:
         """Refuse a parameter that no longer fits its state (`.data` of another size, a shrunk
@@ -318,10 +339,14 @@ class Bucket:
     @staticmethod
     def _local_grad(who: str, p: Tensor) -> Tensor | None:
         g = p.grad
-        if g is None or not is_sharded(p):
-            return g
-        if not is_sharded(g) or g.placements != p.placements or g.device_mesh != p.device_mesh:  # type: ignore[attr-defined]
+        if g is None:
+            return None
+        if is_sharded(p) and (
+            not is_sharded(g) or g.placements != p.placements or g.device_mesh != p.device_mesh  # type: ignore[attr-defined]
+        ):
             raise RuntimeError(f"{who}: the gradient of a sharded parameter is not sharded like it")
+        if g.is_complex() != p.is_complex():  # .grad.data of the other kind: autograd refuses it otherwise
+            raise RuntimeError(f"{who}: gradient of dtype {g.dtype} for a parameter of dtype {p.dtype}")
         return local(g)
 
     def check_grads(self, who: str, grads: list[Tensor | None]) -> None:
@@ -360,13 +385,15 @@ def build_buckets(kind: str, group: dict[str, Any], state: dict[Tensor, dict[str
     """Group a param group's parameters by (device, dtype) and move their state into flat
     buffers. Existing per-parameter state (a previous bucket's views, a loaded checkpoint, a
     plain torch.optim state dict) is copied in; what is missing starts fresh (φ ← θ)."""
-    by_key: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    # Complex parameters get buckets of their own: their state is shown as complex views of
+    # the flat buffers, and torch.save refuses a storage viewed as two dtypes.
+    by_key: dict[tuple[torch.device, torch.dtype, bool], list[Tensor]] = {}
     seen: set[int] = set()
     for p in group["params"]:
         if id(p) not in seen:  # a parameter listed twice (tied weights) is updated once
             seen.add(id(p))
             shard = local(p)
-            by_key.setdefault((shard.device, shard.dtype), []).append(p)
+            by_key.setdefault((shard.device, shard.dtype, p.is_complex()), []).append(p)
 
     # The group's lookahead counter: every parameter holds the same value; a checkpoint from
     # torch.optim has none and starts the cycle at 0.
@@ -379,7 +406,7 @@ def build_buckets(kind: str, group: dict[str, Any], state: dict[Tensor, dict[str
 
     keys = state_keys(kind, group)
     buckets = []
-    for (device, dtype), owners in by_key.items():
+    for (device, dtype, _), owners in by_key.items():
         params = list(map(local, owners))
         sdt, pdt = default_dtypes(dtype, group)
         offsets, total = pack(params, sdt, pdt)
@@ -389,6 +416,7 @@ def build_buckets(kind: str, group: dict[str, Any], state: dict[Tensor, dict[str
         flat["lookahead_step"] = torch.full((len(params),), count, dtype=torch.float32, device=device)
 
         views = []
+        owner_views: list[dict[str, Tensor] | None] = []
         for i, (owner, p, off) in enumerate(zip(owners, params, offsets)):
             old = state.get(owner, {})
             view = {key: view_like(flat[key], off, p) for key in keys}
@@ -403,6 +431,8 @@ def build_buckets(kind: str, group: dict[str, Any], state: dict[Tensor, dict[str
                     else:
                         continue
                 value = _local_state(owner, key, value)
+                if value.is_complex():  # a complex parameter's state, saved as torch.optim keeps it
+                    value = torch.view_as_real(value)
                 if value.numel() != p.numel():
                     raise ValueError(
                         f"state '{key}' has {value.numel()} elements for a parameter of shape {tuple(p.shape)}"
@@ -415,9 +445,11 @@ def build_buckets(kind: str, group: dict[str, Any], state: dict[Tensor, dict[str
             views.append(view)
             if owner is p:
                 state[owner] = view
-            else:  # sharded: the state a checkpoint sees is sharded like the parameter
-                state[owner] = {key: v if key in COUNTER_KEYS else _wrap_like(v, owner) for key, v in view.items()}
-        sharded = any(o is not p for o, p in zip(owners, params))
+                owner_views.append(None)
+            else:  # what a checkpoint sees: complex like the parameter, sharded like it
+                state[owner] = {key: v if key in COUNTER_KEYS else _owner_view(v, owner) for key, v in view.items()}
+                owner_views.append(state[owner])
+        wrapped = any(o is not p for o, p in zip(owners, params))
         buckets.append(
             Bucket(
                 params,
@@ -429,11 +461,21 @@ def build_buckets(kind: str, group: dict[str, Any], state: dict[Tensor, dict[str
                 pdt,
                 flat,
                 views,
-                owners=owners if sharded else None,
+                owners=owners if wrapped else None,
+                owner_views=owner_views if wrapped else None,
                 host_count=int(count),
             )  # fmt: skip
         )
     return buckets
+
+
+def _owner_view(view: Tensor, owner: Tensor) -> Tensor:
+    """A state view as `optimizer.state[owner]` shows it: complex for a complex parameter (its
+    real view's memory: the flat buffers keep every parameter 16-byte aligned, so the offset
+    is a whole number of complex elements), a DTensor sharded like a sharded one (no copy)."""
+    if owner.is_complex():
+        view = torch.view_as_complex(view)
+    return _wrap_like(view, owner) if is_sharded(owner) else view
 
 
 def _local_state(owner: Tensor, key: str, value: Tensor) -> Tensor:

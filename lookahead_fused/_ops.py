@@ -87,7 +87,7 @@ def plan(optimizer: Any) -> str:
         if any(b.owners is not None for b in buckets):
             raise RuntimeError(
                 f"torch.compile of {type(optimizer).__name__}.step() does not support sharded (DTensor) "
-                "parameters: step it eagerly"
+                "or complex parameters: step it eagerly"
             )
         settings = {}
         for key, value in group.items():

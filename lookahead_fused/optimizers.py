@@ -25,6 +25,9 @@ from ._swap import swap_slow_weights
 
 INNER_STATES = ("maintain", "reset", "pullback")
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# Stepped as their real views (torch.view_as_real), as torch.optim steps them: float32 and
+# float64 parts. (complex32 has no real view torch.optim steps.)
+_COMPLEX_DTYPES = (torch.complex64, torch.complex128)
 
 
 def _check_lookahead(group: dict[str, Any]) -> None:
@@ -166,8 +169,18 @@ class _LookaheadOptimizer(Optimizer):
             _check_group_common(group)
             self._check_group(group)
             for p in group["params"]:
-                if not (p.is_floating_point() and p.dtype in _FLOAT_DTYPES):
-                    raise ValueError(f"{type(self).__name__} supports floating-point parameters only, got {p.dtype}")
+                if p.dtype not in _FLOAT_DTYPES and p.dtype not in _COMPLEX_DTYPES:
+                    raise ValueError(
+                        f"{type(self).__name__} supports floating-point and complex parameters only, got {p.dtype}"
+                    )
+                if p.is_complex() and any(
+                    group.get(key) not in (None, p.real.dtype) for key in ("state_dtype", "slow_dtype")
+                ):
+                    raise ValueError(
+                        f"{type(self).__name__}: a {p.dtype} parameter keeps its state and slow weights in "
+                        f"{p.real.dtype} (its real view, as torch.optim steps it); state_dtype/slow_dtype "
+                        f"{group.get('state_dtype')}/{group.get('slow_dtype')} cannot hold them"
+                    )
                 if p.layout != torch.strided:  # the state is flat, dense buffers beside p
                     raise ValueError(f"{type(self).__name__} supports dense parameters only, got layout {p.layout}")
             if group.get("adaptive_alpha", False) and any(map(is_sharded, group["params"])):
@@ -283,7 +296,7 @@ class _LookaheadOptimizer(Optimizer):
         if index < len(self._group_buckets) and self._group_members[index] == members:
             buckets = self._group_buckets[index]
             if buckets is not None:
-                return any(b.owners is not None for b in buckets)
+                return any(b.sharded for b in buckets)
         return any(map(is_sharded, self.param_groups[index]["params"]))
 
     def _init_group(self) -> str:

@@ -30,6 +30,12 @@ Mixed precision: the state has its own dtype (fp32 for bf16/fp16 parameters by d
 The math is done in fp32 (fp64 for fp64 parameters); a low-precision parameter is
 read once, updated in fp32 and rounded once when written back.
 
+Complex parameters are stepped as torch.optim steps them: as their real view
+(`torch.view_as_real`: a (..., 2) tensor of real and imaginary parts), their gradients and
+state included, so every operation above is elementwise on the parts (Adam's second moment
+is the square of each part, not |g|²; adaptive α's dot products are Re⟨g, d⟩). The state of a
+complex parameter is complex, of the parameter's shape.
+
 GradScaler: `grad_scale` divides the gradient before any use (`.grad` itself is never
 modified); a step whose `found_inf` is non-zero changes nothing at all, the counters
 included.
@@ -80,6 +86,7 @@ __all__ = [
     "step_group",
     "MOMENTUM_KEY",
     "RESET_KEYS",
+    "as_real",
 ]
 
 # The state entry each inner optimizer interpolates under inner_state="pullback".
@@ -100,6 +107,16 @@ def _as_math(t: Tensor, dtype: torch.dtype) -> Tensor:
 def _write_back(dst: Tensor, src: Tensor) -> None:
     if src is not dst:
         dst.copy_(src)
+
+
+def as_real(t: Tensor) -> Tensor:
+    """A complex tensor's real view (..., 2), as torch.optim steps it; a real tensor itself."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _real_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The state with every complex tensor replaced by its real view (the same memory)."""
+    return {key: as_real(v) if isinstance(v, Tensor) else v for key, v in state.items()}
 
 
 # ---------------------------------------------------------------------------------------
@@ -233,6 +250,7 @@ def adaptive_alpha(
 
 def lookahead_sync(param: Tensor, state: dict[str, Any], *, alpha: float, inner_state: str, optimizer: str) -> None:
     """The sync of Algorithm 1 for one tensor, then the inner-state policy."""
+    param, state = as_real(param), _real_state(state)
     md = _math_dtype(param)
     slow = _as_math(state["slow_weights"], md)
     slow.lerp_(_as_math(param, md), alpha)  # φ ← φ + α (θ − φ)
@@ -303,6 +321,10 @@ def step_group(
     LookaheadSGD / LookaheadAdam / LookaheadAdamW (lr, k, alpha, inner_state, ...)."""
     if found_inf is not None and found_inf.item() != 0:
         return  # GradScaler found an inf/NaN: the step changes nothing, counters included.
+    # Complex tensors as their real views (the same memory): see the module docstring.
+    params = [as_real(p) for p in params]
+    grads = [None if g is None else as_real(g) for g in grads]
+    states = [_real_state(s) for s in states]
 
     used_grads: list[Tensor | None] = []
     for param, grad, state in zip(params, grads, states):

@@ -34,6 +34,9 @@ TOLERANCES: dict[torch.dtype, dict[str, float]] = {
     torch.bfloat16: dict(atol=1e-2, rtol=1.6e-2),
     torch.float16: dict(atol=1e-3, rtol=2e-3),
 }
+# A complex tensor is compared as its real view (reference.as_real), at its parts' tolerance.
+TOLERANCES[torch.complex64] = TOLERANCES[torch.float32]
+TOLERANCES[torch.complex128] = TOLERANCES[torch.float64]
 
 CLASSES = {"sgd": LookaheadSGD, "adam": LookaheadAdam, "adamw": LookaheadAdamW}
 
@@ -96,18 +99,25 @@ ALPHA = 0.7
 
 
 def make_params(dtype: torch.dtype, device: str | torch.device, seed: int = 0) -> list[Tensor]:
+    """The parameters of SHAPES in `dtype` (complex: random real and imaginary parts)."""
     gen = torch.Generator().manual_seed(seed)
     params = []
     for shape in SHAPES:
-        p = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+        p = _randn(shape, gen, dtype).to(device=device)
         if len(shape) == 4:
             p = p.contiguous(memory_format=torch.channels_last)
         params.append(p.requires_grad_())
     return params
 
 
+def _randn(shape: tuple[int, ...] | torch.Size, gen: torch.Generator, dtype: torch.dtype) -> Tensor:
+    if dtype.is_complex:
+        return torch.randn(shape, generator=gen, dtype=dtype)
+    return torch.randn(shape, generator=gen).to(dtype)
+
+
 def _grad(p: Tensor, gen: torch.Generator, scale: float) -> Tensor:
-    g = torch.randn(p.shape, generator=gen).to(device=p.device, dtype=p.dtype) * scale
+    g = _randn(p.shape, gen, p.dtype).to(device=p.device) * scale
     return g.contiguous(memory_format=torch.channels_last) if p.dim() == 4 else g
 
 
@@ -126,14 +136,16 @@ class Report:
     def compare(
         self, what: str, got: Tensor, want: Tensor, tol: dict[str, float], most: dict[str, float] | None = None
     ) -> None:
-        """Every element within `tol`; and, given `most`, at least MOST_WITHIN of them within it."""
-        got64, want64 = got.detach().double().cpu(), want.detach().double().cpu()
+        """Every element within `tol`; and, given `most`, at least MOST_WITHIN of them within it.
+        Complex tensors are compared part by part (their real views)."""
         if got.shape != want.shape:
             self.failures.append(f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}")
             return
         if got.dtype != want.dtype:  # stored in another dtype than the reference stores it
             self.failures.append(f"{what}: dtype {got.dtype} != {want.dtype}")
             return
+        got64 = reference.as_real(got.detach()).double().cpu()
+        want64 = reference.as_real(want.detach()).double().cpu()
         if got64.numel() == 0:
             return
         err = (got64 - want64).abs().max().item()
@@ -169,6 +181,9 @@ def state_tolerances(param_dtype: torch.dtype, state: Tensor) -> tuple[dict[str,
     by the dtype it is stored in: a value is as precise as the less precise of its storage and
     the math that made it (fp64 for fp64 parameters, else fp32). Counters and other
     non-float state must be equal."""
+    param_dtype = param_dtype.to_real()  # a complex parameter and its state: as their parts
+    if state.is_complex():
+        state = state.real
     if not state.is_floating_point():
         return {"atol": 0.0, "rtol": 0.0}, None
     math = torch.float64 if param_dtype == torch.float64 else torch.float32

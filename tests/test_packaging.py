@@ -186,6 +186,24 @@ def _backend():
     return backend
 
 
+def test_backend_loads_where_a_hook_of_skbuild_all_is_missing(monkeypatch) -> None:
+    """scikit-build-core 0.11.0 (the declared minimum) lists prepare_metadata_for_build_editable
+    in scikit_build_core.build.__all__ without defining it: `import *` failed there, and so
+    did every build. Checked against 0.11.0 itself by hand (`pip wheel . --no-build-isolation`
+    in a venv with scikit-build-core==0.11.0); here with its __all__ reproduced."""
+    from scikit_build_core import build as skbuild
+
+    missing = "prepare_metadata_for_build_editable"
+    monkeypatch.delattr(skbuild, missing, raising=False)
+    monkeypatch.setattr(skbuild, "__all__", [*(n for n in skbuild.__all__ if n != missing), missing])
+    monkeypatch.delitem(sys.modules, "lookahead_fused_backend", raising=False)
+    backend = _backend()  # imported anew: the module is out of sys.modules
+    assert missing not in backend.__all__ and not hasattr(backend, missing)
+    assert {"build_wheel", "build_sdist", "build_editable", "get_requires_for_build_wheel"} <= set(backend.__all__)
+    assert backend.build_sdist is skbuild.build_sdist  # scikit-build-core's own hooks, re-exported
+    monkeypatch.delitem(sys.modules, "lookahead_fused_backend", raising=False)  # the next test imports it anew
+
+
 @pytest.mark.parametrize("hook", ["build_wheel", "build_editable"])
 def test_backend_builds_without_cmake_when_cmake_is_missing(monkeypatch, hook: str) -> None:
     from scikit_build_core import build as skbuild
