@@ -175,6 +175,32 @@ def test_a_failed_build_falls_back_to_pure_python_unless_required() -> None:
     assert "LOOKAHEAD_FUSED_REQUIRE_EXTENSION=${LOOKAHEAD_FUSED_REQUIRE_EXTENSION:-1}" in run_sh
 
 
+@pytest.mark.parametrize(
+    ("gpu", "setting", "expected"),
+    [(False, None, "OFF"), (True, None, ""), (False, "AUTO", ""), (False, "ON", "")],
+    ids=["no-gpu", "gpu", "asked-auto", "asked-on"],
+)
+def test_run_sh_builds_cuda_kernels_only_where_torch_sees_a_gpu(
+    tmp_path: Path, gpu: bool, setting: str | None, expected: str
+) -> None:
+    """run.sh's main job leaves the CUDA kernels out where torch sees no GPU (a fresh set-up
+    then fits in 3 minutes on 2 cores), unless LOOKAHEAD_FUSED_CUDA says otherwise; test.sh
+    calls setup_env directly and always builds them."""
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\nexit {0 if gpu else 1}\n")  # stands for `torch.cuda.is_available()`
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "LOOKAHEAD_FUSED_CUDA"}
+    if setting is not None:
+        env["LOOKAHEAD_FUSED_CUDA"] = setting
+    done = subprocess.run(
+        ["bash", "-c", f'source "{ROOT / "run.sh"}"; PY="{fake}"; main_cuda_setting'],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == expected
+    assert "main_cuda_setting" not in (ROOT / "test.sh").read_text()
+
+
 def _backend():
     pytest.importorskip("scikit_build_core")
     sys.path.insert(0, str(ROOT / PYPROJECT["build-system"]["backend-path"][0]))
