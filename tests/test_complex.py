@@ -38,6 +38,19 @@ def _grads(params: list[torch.Tensor], step: int) -> list[torch.Tensor]:
     return [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
 
 
+def _step_together(
+    a: torch.optim.Optimizer, b: torch.optim.Optimizer, a_params: list[torch.Tensor], b_params: list[torch.Tensor]
+) -> None:
+    """Five steps of both optimizers on the same gradients; the parameters must agree after each."""
+    for step in range(5):
+        for p, q, g in zip(a_params, b_params, _grads(a_params, step)):
+            p.grad, q.grad = g.clone(), g.clone()
+        a.step()
+        b.step()
+        for p, q in zip(a_params, b_params):
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("variant", testing.variants(), ids=lambda v: v.name)
 def test_complex_parameters_match_the_reference(backend: str, variant: testing.Variant) -> None:
     """Every variant, on every backend, against the reference on complex64 parameters
@@ -55,13 +68,7 @@ def test_with_alpha_one_complex_steps_are_torch_optims(backend: str, kind: str) 
     ours, theirs = _complex_params(), _complex_params()
     opt = cls(ours, k=2, alpha=1.0, backend=backend, **hyper)
     ref = torch_cls(theirs, **hyper)
-    for step in range(5):
-        for p, q, g in zip(ours, theirs, _grads(ours, step)):
-            p.grad, q.grad = g.clone(), g.clone()
-        opt.step()
-        ref.step()
-        for p, q in zip(ours, theirs):
-            torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+    _step_together(opt, ref, ours, theirs)
     for p, q in zip(ours, theirs):
         for key, want in ref.state[q].items():
             if key != "step":
@@ -218,10 +225,4 @@ def test_the_generic_wrapper_steps_complex_parameters_as_the_fused_class() -> No
     fused_params, wrapped_params = _complex_params(), _complex_params()
     fused = LookaheadAdam(fused_params, lr=0.01, k=2, alpha=0.7, backend="eager")
     wrapped = Lookahead(torch.optim.Adam(wrapped_params, lr=0.01), k=2, alpha=0.7)
-    for step in range(5):
-        for p, q, g in zip(fused_params, wrapped_params, _grads(fused_params, step)):
-            p.grad, q.grad = g.clone(), g.clone()
-        fused.step()
-        wrapped.step()
-    for p, q in zip(fused_params, wrapped_params):
-        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+    _step_together(fused, wrapped, fused_params, wrapped_params)
