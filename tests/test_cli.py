@@ -51,6 +51,8 @@ def test_info_lists_versions_and_every_backend() -> None:
     for name in backends.NAMES:
         assert re.search(rf"^  {name}\s+(usable|unavailable: .+)$", proc.stdout, re.M), proc.stdout
     assert "lookahead_fused._C" in proc.stdout
+    # which layout checks this build runs (test_tensor_keys.py requires the C++ ones here)
+    assert f"layout checks: C++ (lookahead_fused._tensor_keys, built for torch {torch.__version__})" in proc.stdout
 
 
 def _disagreeing(backend: str):
