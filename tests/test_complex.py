@@ -226,3 +226,58 @@ def test_the_generic_wrapper_steps_complex_parameters_as_the_fused_class() -> No
     fused = LookaheadAdam(fused_params, lr=0.01, k=2, alpha=0.7, backend="eager")
     wrapped = Lookahead(torch.optim.Adam(wrapped_params, lr=0.01), k=2, alpha=0.7)
     _step_together(fused, wrapped, fused_params, wrapped_params)
+
+
+FSDP2_ONE_RANK = """
+import os, sys, torch, torch.distributed as dist
+dist.init_process_group("gloo", rank=0, world_size=1, init_method="tcp://127.0.0.1:" + sys.argv[1])
+from torch.distributed.fsdp import fully_shard
+from lookahead_fused import LookaheadAdam
+
+class Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.complex64))
+        self.b = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
+
+    def forward(self, x):
+        return (x @ self.w + self.b).abs().sum()
+
+torch.manual_seed(0)
+sharded, plain = Model(), Model()
+plain.load_state_dict(sharded.state_dict())
+fully_shard(sharded)
+opts = [LookaheadAdam(m.parameters(), lr=0.01, k=2, alpha=0.7, backend=b)
+        for m, b in ((sharded, sys.argv[2]), (plain, "eager"))]
+for step in range(5):
+    x = torch.randn(2, 4, dtype=torch.complex64)
+    for model, opt in zip((sharded, plain), opts):
+        opt.zero_grad()
+        model(x).backward()
+        opt.step()
+for p, q in zip(sharded.parameters(), plain.parameters()):
+    torch.testing.assert_close(p.full_tensor(), q.detach(), atol=1e-6, rtol=1e-5)
+    state = opts[0].state[p]
+    assert type(state["exp_avg"]).__name__ == "DTensor" and state["exp_avg"].dtype == torch.complex64
+    torch.testing.assert_close(state["slow_weights"].full_tensor(), opts[1].state[q]["slow_weights"])
+dist.destroy_process_group()
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "foreach"])
+def test_fsdp2_shards_of_complex_parameters(backend_name: str) -> None:
+    """FSDP2 (one gloo rank): a DTensor shard of a complex parameter is stepped as its real
+    view, its state a complex DTensor; the same numbers as the eager reference unsharded.
+    (tests/test_distributed.py runs two ranks for real parameters.)"""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run(
+        [sys.executable, "-c", FSDP2_ONE_RANK, str(port), backend_name], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr[-3000:]
