@@ -70,7 +70,7 @@ def local(t: Tensor) -> Tensor:
     steps complex parameters); t itself for a plain real tensor."""
     if is_sharded(t):
         t = t._local_tensor  # type: ignore[attr-defined]
-    return torch.view_as_real(t) if t.is_complex() else t
+    return reference.as_real(t)
 
 
 def _wrap_like(view: Tensor, p: Tensor) -> Tensor:
@@ -431,8 +431,7 @@ def build_buckets(kind: str, group: dict[str, Any], state: dict[Tensor, dict[str
                     else:
                         continue
                 value = _local_state(owner, key, value)
-                if value.is_complex():  # a complex parameter's state, saved as torch.optim keeps it
-                    value = torch.view_as_real(value)
+                value = reference.as_real(value)  # a complex parameter's state, saved as torch.optim keeps it
                 if value.numel() != p.numel():
                     raise ValueError(
                         f"state '{key}' has {value.numel()} elements for a parameter of shape {tuple(p.shape)}"

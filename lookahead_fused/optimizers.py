@@ -174,11 +174,11 @@ class _LookaheadOptimizer(Optimizer):
                         f"{type(self).__name__} supports floating-point and complex parameters only, got {p.dtype}"
                     )
                 if p.is_complex() and any(
-                    group.get(key) not in (None, p.real.dtype) for key in ("state_dtype", "slow_dtype")
+                    group.get(key) not in (None, p.dtype.to_real()) for key in ("state_dtype", "slow_dtype")
                 ):
                     raise ValueError(
                         f"{type(self).__name__}: a {p.dtype} parameter keeps its state and slow weights in "
-                        f"{p.real.dtype} (its real view, as torch.optim steps it); state_dtype/slow_dtype "
+                        f"{p.dtype.to_real()} (its real view, as torch.optim steps it); state_dtype/slow_dtype "
                         f"{group.get('state_dtype')}/{group.get('slow_dtype')} cannot hold them"
                     )
                 if p.layout != torch.strided:  # the state is flat, dense buffers beside p
