@@ -5,6 +5,7 @@
 #   ruff check / ruff format --check over the Python sources
 #   mypy over lookahead_fused/ (its settings: pyproject.toml's [tool.mypy])
 #   clang-format --dry-run -Werror over csrc/ (the style in .clang-format)
+# installing Debian's qemu-user first where it can (root with apt-get), for the ISA test;
 # and fails when any of them fails, or when pytest collected no test at all.
 #   bash test.sh                        # everything
 #   bash test.sh -k adam -x             # arguments go to pytest
@@ -17,6 +18,25 @@ stamped dev "$(inputs_hash requirements-dev.txt)" "$PY" -m pip install --quiet -
 # beside this torch (requirements-dev.txt says more); timm.optim needs none of them.
 TIMM_VERSION=1.0.31
 stamped timm "$TIMM_VERSION" "$PY" -m pip install --quiet --no-deps "timm==$TIMM_VERSION"
+# QEMU's user-mode emulator runs the package on CPUs without AVX-512 or AVX
+# (tests/test_cpu_isa_emulated.py): Debian's qemu-user, installed where this user can
+# (root with apt-get); elsewhere that test skips and says why, except under
+# LOOKAHEAD_FUSED_REQUIRE_QEMU=1 (.ci/run), where it fails.
+ensure_qemu() {
+    command -v qemu-x86_64 >/dev/null && return 0
+    [ "$(uname -m)" = x86_64 ] || return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "test.sh: installing qemu-user (Debian) for tests/test_cpu_isa_emulated.py" >&2
+        local apt=(apt-get install -y -qq --no-install-recommends qemu-user)
+        DEBIAN_FRONTEND=noninteractive "${apt[@]}" >/dev/null ||
+            { apt-get update -qq && DEBIAN_FRONTEND=noninteractive "${apt[@]}" >/dev/null; } ||
+            echo "test.sh: could not install qemu-user" >&2
+    else
+        echo "test.sh: qemu-x86_64 not found and not installable here (needs root and apt-get):" \
+            "tests/test_cpu_isa_emulated.py will skip" >&2
+    fi
+}
+ensure_qemu
 cd "$ROOT"
 export TRITON_INTERPRET=1
 
