@@ -36,10 +36,11 @@ from typing import Any
 
 import pytest
 
-from lookahead_fused import _C, testing  # type: ignore[attr-defined]
+from lookahead_fused import _C, _extension, testing  # type: ignore[attr-defined]
 
-ROOT = Path(__file__).resolve().parents[1]
-WORKER = ROOT / "tests" / "isa_worker.py"
+from .isa_worker import DTYPES, STEPS
+
+WORKER = Path(__file__).with_name("isa_worker.py")
 QEMU = shutil.which("qemu-x86_64")
 REQUIRED = os.environ.get("LOOKAHEAD_FUSED_REQUIRE_QEMU") == "1"
 
@@ -116,10 +117,7 @@ def test_levels_selected_and_refused(guests, model: str) -> None:
 @pytest.mark.parametrize("model", GUESTS)
 def test_every_variant_matches_the_reference(guests, model: str) -> None:
     got = _result(guests[model], model)
-    runs = len(testing.variants()) * 3  # fp32, bf16, fp16
-    assert len(got["kernel_calls"]) == runs
-    assert min(got["kernel_calls"]) >= got["steps"], "a run that did not reach the compiled kernels every step"
+    assert len(got["kernel_calls"]) == len(testing.variants()) * len(DTYPES)
+    assert min(got["kernel_calls"]) >= STEPS, "a run that did not reach the compiled kernels every step"
     assert got["failures"] == [], f"{model} ({got['isa']}): " + "\n".join(got["failures"][:20])
-    from lookahead_fused import _extension
-
     assert got["tensor_keys"] == (_extension.TENSOR_KEYS is not None), "the guest's layout checks differ from ours"
