@@ -2,12 +2,13 @@
 
 Hypothesis draws whole short training runs: 1-6 parameters of random shapes (0-dim, empty,
 odd sizes up to MAX_NUMEL elements, 1-4 dims, channels-last 4-d) and dtypes (fp32, bf16,
-fp16, mixed within the group, hence several buckets), an inner optimizer with random flags,
+fp16, complex64, mixed within the group, hence several buckets), an inner optimizer with random flags,
 k, alpha, 1-15 steps, which parameters have no gradient in which step, optional GradScaler
 inputs with inf steps, and a checkpoint/resume point; now and then a tensor of more than
 LARGE_NUMEL elements (several work chunks on every backend: 65,536 elements on the CPU and
 under the Triton interpreter, 256 in the CUDA emulation), a second param group with its own
-k and alpha, capturable=True, a tensor lr, and state_dtype/slow_dtype overrides. The
+k and alpha, capturable=True, a tensor lr, and state_dtype/slow_dtype overrides (only for
+groups without complex parameters, where overrides are refused). The
 backend's parameters and every
 state entry must match `lookahead_fused.reference` after every step within
 `lookahead_fused.testing.TOLERANCES`, including after the run was interrupted, saved through
@@ -69,6 +70,9 @@ LARGE_NUMEL = 65536
 # backend -> what its examples reached (printed by tests/conftest.py at the end of the run).
 COVERAGE: defaultdict[str, Counter] = defaultdict(Counter)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the first is what a failure shrinks to
+# Complex parameters (stepped as their real views, in buckets of their own): drawn for about
+# one tensor in eight, so that most examples mix them with real ones or have none.
+PARAM_DTYPES = st.sampled_from(DTYPES * 7 + (torch.complex64,) * 3)
 GRAD_MAGNITUDES = (1.0, 0.1, 0.01)
 
 
@@ -118,12 +122,12 @@ def shapes(draw: st.DrawFn) -> tuple[int, ...]:
 @st.composite
 def tensor_specs(draw: st.DrawFn) -> TensorSpec:
     if draw(st.sampled_from((False,) * 15 + (True,))):  # one in 16: several chunks
-        return TensorSpec((LARGE_NUMEL + draw(st.integers(1, 700)),), draw(st.sampled_from(DTYPES)))
+        return TensorSpec((LARGE_NUMEL + draw(st.integers(1, 700)),), draw(PARAM_DTYPES))
     shape = draw(shapes())
     channels_last = len(shape) == 4 and draw(st.booleans())
     return TensorSpec(
         shape,
-        draw(st.sampled_from(DTYPES)),
+        draw(PARAM_DTYPES),
         channels_last,
         grad_like_param=not channels_last or draw(st.booleans()),
     )
@@ -175,10 +179,11 @@ def cases(draw: st.DrawFn) -> Case:
         inner_state=draw(st.sampled_from(("maintain", "reset", "pullback"))),
     )
     options["capturable"] = draw(st.booleans())
-    if draw(st.sampled_from((False, False, True))):  # state and slow weights in other dtypes
+    tensors = tuple(draw(st.lists(tensor_specs(), min_size=1, max_size=6)))
+    # State and slow weights in other dtypes; refused for complex parameters (docs/bad-inputs.md).
+    if not any(t.dtype.is_complex for t in tensors) and draw(st.sampled_from((False, False, True))):
         overrides = st.sampled_from((None, torch.float32, torch.bfloat16, torch.float16))
         options.update(state_dtype=draw(overrides), slow_dtype=draw(overrides))
-    tensors = tuple(draw(st.lists(tensor_specs(), min_size=1, max_size=6)))
     split = draw(st.none() | st.integers(1, len(tensors) - 1)) if len(tensors) > 1 else None
     second = None if split is None else dict(k=draw(st.integers(1, 6)), alpha=draw(st.floats(1e-3, 1.0)))
     steps = draw(st.integers(1, 15))
@@ -210,11 +215,16 @@ def _layout(t: Tensor, channels_last: bool) -> Tensor:
     return t.contiguous(memory_format=torch.channels_last) if channels_last else t.contiguous()
 
 
+def _randn(spec: TensorSpec, gen: torch.Generator, scale: float = 1.0) -> Tensor:
+    """Standard normal times scale, drawn in fp32 and rounded to the spec's dtype once
+    (complex: real and imaginary parts each normal)."""
+    if spec.dtype.is_complex:
+        return torch.randn(spec.shape, generator=gen, dtype=spec.dtype) * scale
+    return (torch.randn(spec.shape, generator=gen) * scale).to(spec.dtype)
+
+
 def _make_params(case: Case, gen: torch.Generator) -> list[Tensor]:
-    return [
-        _layout(torch.randn(spec.shape, generator=gen).to(spec.dtype), spec.channels_last).requires_grad_()
-        for spec in case.tensors
-    ]
+    return [_layout(_randn(spec, gen), spec.channels_last).requires_grad_() for spec in case.tensors]
 
 
 def _make_grads(case: Case, step: int, gen: torch.Generator) -> list[Tensor | None]:
@@ -224,7 +234,7 @@ def _make_grads(case: Case, step: int, gen: torch.Generator) -> list[Tensor | No
     scale = case.grad_magnitude * (case.grad_scale or 1.0)
     grads: list[Tensor | None] = []
     for spec, missing in zip(case.tensors, case.no_grad[step], strict=True):
-        g = (torch.randn(spec.shape, generator=gen) * scale).to(spec.dtype)
+        g = _randn(spec, gen, scale)
         grads.append(None if missing else _layout(g, spec.channels_last and spec.grad_like_param))
     if case.found_inf[step]:
         target = next((g for g in grads if g is not None and g.numel()), None)
@@ -310,6 +320,7 @@ def _record(backend: str, case: Case, live_syncs: int) -> None:
     seen["two groups"] += case.split is not None
     seen["capturable"] += bool(case.options.get("capturable"))
     seen["tensor lr"] += case.tensor_lr
+    seen["complex"] += any(t.dtype.is_complex for t in case.tensors)
     seen["dtype overrides"] += any(case.options.get(k) is not None for k in ("state_dtype", "slow_dtype"))
     seen["GradScaler"] += case.grad_scale is not None
     seen["resumed"] += case.resume_at is not None
