@@ -149,6 +149,15 @@ LaunchStatus launch(Kernel kernel, unsigned grid, unsigned block, bool /*synchro
   const cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return {LaunchStage::kLaunch, e};
   if (sync_check()) {
+    // Not while the stream is captured into a CUDA graph: a synchronise would invalidate the
+    // capture. (A stream that cannot say, e.g. the legacy stream beside a global capture, is
+    // not synchronised either, and the query's error is cleared.)
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(s, &capture) != cudaSuccess) {
+      cudaGetLastError();
+      return {};
+    }
+    if (capture != cudaStreamCaptureStatusNone) return {};
     const cudaError_t synced = cudaStreamSynchronize(s);
     if (synced != cudaSuccess) {
       cudaGetLastError();

@@ -158,6 +158,37 @@ def test_misaligned_views_odd_sizes_and_many_chunks(kind, hyper, dtype) -> None:
         torch.testing.assert_close(p.detach(), w, **TOLERANCES[dtype])
 
 
+def test_reset_sync_without_gradients_checks_the_second_moments_alignment() -> None:
+    """A sync step where no parameter has a gradient walks the sync alone, yet under
+    inner_state="reset" it zeroes Adam's v and vmax: with those buffers 4 bytes off alignment
+    the walk must take the scalar path (the emulation faults on a misaligned 16-byte store)."""
+
+    def run(misalign: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        torch.manual_seed(0)
+        params = [torch.randn(64, requires_grad=True), torch.randn(9, 7, requires_grad=True)]
+        opt = LookaheadAdam(params, lr=0.01, amsgrad=True, inner_state="reset", k=2, backend="cuda_emulated")
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        (bucket,) = _buckets(opt)
+        if misalign:
+            for key in ("exp_avg_sq", "max_exp_avg_sq"):
+                view = torch.zeros(bucket.flat[key].numel() + 1)[1:]
+                assert view.data_ptr() % 16 != 0
+                bucket.flat[key] = view.copy_(bucket.flat[key])
+        for p in params:
+            p.grad = None
+        opt.step()  # the sync, no gradient: the sync-only walk, with the reset
+        return [p.detach().clone() for p in params], [bucket.flat[k] for k in ("exp_avg_sq", "max_exp_avg_sq")]
+
+    want, _ = run(misalign=False)
+    got, moments = run(misalign=True)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+    for m in moments:
+        assert m.abs().sum() == 0  # reset
+
+
 def test_chunk_table_covers_every_element_once() -> None:
     params = [torch.randn(n).requires_grad_() for n in (1, 255, 256, 257, 1000)]
     opt = LookaheadSGD(params, lr=0.1, backend="cuda_emulated")

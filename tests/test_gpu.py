@@ -5,6 +5,7 @@ skip with the reason "needs a CUDA GPU".
   GradScaler's contract asks, opt.step) captured in a CUDA graph and replayed, on every GPU
   backend, equals the same steps run eagerly, bit for bit;
 - a real capture refuses a gradient that moved since the warm-up, with the clear error;
+- the same capture with LOOKAHEAD_FUSED_SYNC_CHECK=1 (no synchronise inside the capture);
 - every GPU backend against the reference on cuda, fp32 and bf16, with and without GradScaler
   (a sample of the variants; `python -m lookahead_fused check --device cuda` runs them all);
 - the cuda backend's tables over many steps with `zero_grad(set_to_none=True)` (new gradient
@@ -14,6 +15,11 @@ skip with the reason "needs a CUDA GPU".
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,6 +106,25 @@ def test_graph_replay_of_a_training_step_equals_eager(backend: str, name: str) -
     eager, graphed = _train(backend, name, graphed=False), _train(backend, name, graphed=True)
     for i, (a, b) in enumerate(zip(eager, graphed, strict=True)):
         assert torch.equal(a, b), f"tensor {i}: max difference {(a.float() - b.float()).abs().max().item()}"
+
+
+def test_graph_capture_with_sync_check() -> None:
+    """LOOKAHEAD_FUSED_SYNC_CHECK=1 synchronises the stream after every launch, but not while
+    it is captured (that would invalidate the capture): graph replay still equals eager. In a
+    new process, since the variable is read at the first launch."""
+    _usable("cuda")
+    code = (
+        "import torch\n"
+        "from tests.test_gpu import _train\n"
+        "eager, graphed = _train('cuda', 'adam', graphed=False), _train('cuda', 'adam', graphed=True)\n"
+        "assert all(torch.equal(a, b) for a, b in zip(eager, graphed, strict=True))\n"
+        "print('replay equals eager')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+        env={**os.environ, "LOOKAHEAD_FUSED_SYNC_CHECK": "1"}, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0 and "replay equals eager" in done.stdout, done.stdout + done.stderr
 
 
 def test_real_capture_refuses_a_moved_gradient() -> None:

@@ -318,7 +318,8 @@ __global__ void __launch_bounds__(kMaxBlock) step_kernel(Params a) {
       } else if (inner) {
         walk_chunk<V, true, false, false>(c, q, len, inner_ok, dots);
       } else {
-        walk_chunk<V, false, true, false>(c, q, len, true, dots);
+        // No gradient is read, but a reset sync still zeroes v and vmax with vector stores.
+        walk_chunk<V, false, true, false>(c, q, len, aligned_for<kVec>(q.v) && aligned_for<kVec>(q.vmax), dots);
       }
     }
   }
@@ -367,8 +368,11 @@ __global__ void __launch_bounds__(kMaxBlock) counter_kernel(CounterParams a) {
 // Stage two of adaptive α: one block of kFinalizeThreads threads. Thread t sums the pairs t,
 // t + kFinalizeThreads, t + 2 kFinalizeThreads, ... in that order; then a fixed tree in shared
 // memory (width halving, as in stage one) adds the threads' sums. Every addition and its order
-// are fixed by the number of pairs alone, so the result does not depend on scheduling (and the
-// emulation, which runs the same tree, gives the same bits). Then α̂ as reference.adaptive_alpha.
+// are fixed by the number of pairs alone, so the result does not depend on scheduling: the same
+// on every run and every replay. (The emulation runs the same tree, but it is not the GPU's
+// bits: nvcc contracts products and sums into FMAs (the default --fmad=true), the host build
+// does not, so α̂ on a GPU may differ from the emulation's in the last place; the tests hold
+// both to the reference's tolerance.) Then α̂ as reference.adaptive_alpha.
 constexpr unsigned kFinalizeThreads = kMaxBlock;
 
 struct FinalizeParams {
@@ -404,14 +408,22 @@ __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(FinalizePara
 // ---------------------------------------------------------------------------------------
 
 #if defined(__CUDACC__)
-// Sets the device for the scope of a launch and restores the caller's.
+// Sets the device for the scope of a launch and restores the caller's, only where it changed
+// it. (backends/cuda.py launches under torch's device guard already, so it changes nothing
+// there: torch's restores a device only where that device has a context.) A failed restore
+// leaves no error pending for the next launch to report.
 class DeviceGuard {
  public:
   explicit DeviceGuard(int device) {
     cudaGetDevice(&previous_);
-    if (previous_ != device) check(cudaSetDevice(device), "cudaSetDevice");
+    if (previous_ != device) {
+      check(cudaSetDevice(device), "cudaSetDevice");
+      changed_ = true;
+    }
   }
-  ~DeviceGuard() { cudaSetDevice(previous_); }
+  ~DeviceGuard() {
+    if (changed_ && cudaSetDevice(previous_) != cudaSuccess) cudaGetLastError();
+  }
   static void check(cudaError_t e, const char* what) {
     if (e != cudaSuccess)
       throw std::runtime_error(std::string("lookahead_fused: ") + what + ": " + cudaGetErrorString(e));
@@ -419,6 +431,7 @@ class DeviceGuard {
 
  private:
   int previous_ = 0;
+  bool changed_ = false;
 };
 #define LAF_DEVICE_SCOPE(d) DeviceGuard device_guard_(d)
 

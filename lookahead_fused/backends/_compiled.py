@@ -19,6 +19,7 @@ whenever a parameter's address or size changes, and for gradients whenever one c
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -104,3 +105,11 @@ def set_bucket_args(a: Any, kind: str, group: dict[str, Any], b: Bucket) -> None
         a.momentum_coef, a.dampening, a.nesterov = group["momentum"], group["dampening"], group["nesterov"]
     else:
         (a.beta1, a.beta2), a.eps, a.amsgrad = group["betas"], group["eps"], group["amsgrad"]
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Launches (and the torch ops around them) go to this device and its current stream, not
+    to whichever device is current. torch's guard, not only the one in csrc/cuda: on leaving, it
+    restores the previous device only where that device has a context, so that a process that
+    works on cuda:1 alone does not get a context (and its memory) on cuda:0 from our launches."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -61,7 +61,7 @@ from .._buckets import Bucket
 from . import foreach
 from ._capture import capture_error, describe, keep_captured
 from ._capture import capturing as capturing_now
-from ._compiled import check_bucket, fallback_reasons, grad_scratch, record, set_bucket_args
+from ._compiled import check_bucket, fallback_reasons, grad_scratch, on_device, record, set_bucket_args
 
 try:
     from .. import _C  # type: ignore[attr-defined]  # compiled (pybind11): mypy sees no module
@@ -178,12 +178,13 @@ def run_step(
     launches = [
         _launch_args(target, kind, group, b, gs, grad_scale, found_inf, capturing) for b, gs in zip(buckets, grads)
     ]
-    if group.get("adaptive_alpha", False):
-        _adaptive_step(target, group, buckets, launches, capturing)
-    else:
-        launch = target.entry("step")
-        for a in launches:
-            launch(a)
+    with on_device(buckets[0].device):
+        if group.get("adaptive_alpha", False):
+            _adaptive_step(target, group, buckets, launches, capturing)
+        else:
+            launch = target.entry("step")
+            for a in launches:
+                launch(a)
     for b in buckets:
         b.host_count = None  # the counters moved on the device
     record(buckets, target.name)

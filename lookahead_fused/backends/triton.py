@@ -38,7 +38,6 @@ elements (such as `torch.randn(10, 5, 2)[..., 0]`), is stepped by backend "forea
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from collections.abc import Sequence
@@ -51,7 +50,7 @@ from .. import reference
 from .._buckets import STATE_ALIGNMENT, Bucket
 from . import foreach
 from ._capture import capture_error, capturing, describe, keep_captured
-from ._compiled import check_bucket, fallback_reasons, grad_scratch, record
+from ._compiled import check_bucket, fallback_reasons, grad_scratch, on_device, record
 
 try:
     import triton
@@ -199,12 +198,6 @@ def counter_constexprs(group: dict[str, Any], mode: int) -> dict[str, Any]:
     return dict(SYNC=mode, RESET=group["inner_state"] == "reset", BLOCK=COUNTER_BLOCK)
 
 
-def _on(device: torch.device) -> contextlib.AbstractContextManager:
-    """Launches (and the torch ops of adaptive α) go to the bucket's device and its current
-    stream, not to whichever device is current."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _host_count(bucket: Bucket) -> int:
     """The group's lookahead counter before this step, read from the device only when the host
     does not know it (first step, or after a device-path step or another backend's step)."""
@@ -220,7 +213,7 @@ def _alpha_hat(group: dict[str, Any], launches: list[_Launch]) -> list[Tensor]:
     partials in bucket order (one reduction of one tensor: the same sum every time), and
     returned as one copy per launch on that launch's device."""
     device = launches[0].bucket.device
-    with _on(device):
+    with on_device(device):
         sums = torch.cat([launch.partials.to(device) for launch in launches]).sum(0)
         g_dot_d, d_a_d = sums[0], sums[1]
         alpha_hat = (1 + g_dot_d / d_a_d).clamp(group["alpha_low"], 1.0)
@@ -313,7 +306,7 @@ class _Launch:
             self.kind, self.group, self.bucket.dtype, grad_scale=self.grad_scale, lr_on_device=self.lr_on_device,
             phase=phase, mode=mode, aligned=self.aligned, block=_block(self.bucket),
         )  # fmt: skip
-        with _on(self.bucket.device):
+        with on_device(self.bucket.device):
             kernels.lookahead_step_kernel[(programs,)](
                 **self.pointers,
                 alpha_ptr=self.found_inf if alpha is None else alpha,
@@ -328,7 +321,7 @@ class _Launch:
         if n == 0:
             return
         flat = self.bucket.flat
-        with _on(self.bucket.device):
+        with on_device(self.bucket.device):
             kernels.advance_counters_kernel[(triton.cdiv(n, COUNTER_BLOCK),)](
                 flat["step"], flat["lookahead_step"], self.grad_addresses, self.found_inf, n, self.k,
                 **counter_constexprs(self.group, mode),
