@@ -40,6 +40,7 @@ import contextlib
 import itertools
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -571,25 +572,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
 
-    rows = []
-    for pset, dtype, k, family in itertools.product(psets, dtypes, ks, families):
-        entries = contenders(device, (family,), k)
-        if args.short:
-            entries = [c for c in entries if _in_short_run(c, device)]
-        results = measure(entries, pset, DTYPES[dtype], device, reps)
-        baseline = next(
-            (statistics.median(r.seconds["eager"]) for r in results if r.contender.baseline and r.seconds["eager"]),
-            None,
-        )
-        floor_result = next((r for r in results if r.contender.floor), None)
-        rows += [_row(r, pset, dtype, baseline, floor_result, bandwidth) for r in results]
-    _print_table(rows, gpu=device.type == "cuda")
-
-    if args.plot:
-        plot_set = "resnet152" if any(p.name == "resnet152" for p in psets) else psets[0].name
-        if plot(rows, args.plot, plot_set):
-            print(f"plot: {args.plot}")
-    if args.json:
+    def write_json(rows: list[dict[str, Any]], complete: bool) -> None:
+        """The figures so far (rewritten after every family, so that a run stopped by a time
+        limit keeps what it measured), atomically."""
         report = {
             "machine": machine,
             "device": str(device),
@@ -600,10 +585,43 @@ def main(argv: Sequence[str] | None = None) -> int:
             "ks": list(ks),
             "families": list(families),
             "repetitions": reps,
+            "complete": complete,
             "results": rows,
         }
-        with open(args.json, "w") as f:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
             json.dump(report, f, indent=2)
+        os.replace(tmp, args.json)
+
+    rows: list[dict[str, Any]] = []
+    interrupted = False
+    try:
+        for pset, dtype, k, family in itertools.product(psets, dtypes, ks, families):
+            entries = contenders(device, (family,), k)
+            if args.short:
+                entries = [c for c in entries if _in_short_run(c, device)]
+            results = measure(entries, pset, DTYPES[dtype], device, reps)
+            baseline = next(
+                (statistics.median(r.seconds["eager"]) for r in results if r.contender.baseline and r.seconds["eager"]),
+                None,
+            )
+            floor_result = next((r for r in results if r.contender.floor), None)
+            rows += [_row(r, pset, dtype, baseline, floor_result, bandwidth) for r in results]
+            if args.json:
+                write_json(rows, complete=False)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGINT from a time limit (bench/gpu_report.sh): keep what was measured
+        interrupted = True
+        print("bench: interrupted; the table has the families measured so far", file=sys.stderr)
+    _print_table(rows, gpu=device.type == "cuda")
+
+    if args.plot and rows:
+        plot_set = "resnet152" if any(p.name == "resnet152" for p in psets) else psets[0].name
+        if plot(rows, args.plot, plot_set):
+            print(f"plot: {args.plot}")
+    if args.json:
+        write_json(rows, complete=not interrupted)
+    if interrupted:
+        return 130
     return 1 if any(r["error"] for r in rows) else 0
 
 

@@ -37,14 +37,22 @@ FAMILIES = {
 
 def _params(dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
-    storage = torch.randn(1 + 10 * 13, generator=gen)
+
+    def randn(*shape: int) -> torch.Tensor:  # drawn on the host, stored on the device in dtype
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    # The view is taken of device memory: a view made on the host would be copied by .to()
+    # into a fresh, aligned allocation, and the scalar path would not run.
+    misaligned = randn(1 + 10 * 13)[1:].view(10, 13)
+    if misaligned.data_ptr() % 16 == 0:
+        raise AssertionError("the view meant to be misaligned is 16-byte aligned")
     tensors = [
-        torch.randn(1024, generator=gen),  # vector path
-        torch.randn(37, generator=gen),  # vector body and scalar tail
-        storage[1:].view(10, 13),  # a view one element off: the scalar path
-        torch.randn(6, 5, generator=gen),  # its gradient gets other strides (a scratch copy)
+        randn(1024),  # vector path
+        randn(37),  # vector body and scalar tail
+        misaligned,  # a view one element off: the scalar path
+        randn(6, 5),  # its gradient gets other strides (a scratch copy)
     ]
-    return [t.to(device=device, dtype=dtype).requires_grad_() for t in tensors]
+    return [t.requires_grad_() for t in tensors]
 
 
 def run(family: str, dtype: torch.dtype, device: torch.device, backend: str) -> bool:

@@ -8,6 +8,7 @@ The full comparison (every contender, ResNet-152, interleaved) is `python -m ben
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import textwrap
@@ -256,3 +257,29 @@ def test_short_run_keeps_ours_the_wrapper_torch_fused_and_the_floor(family: str)
     assert len(kept) == 4, names
     assert sum(c.baseline for c in kept) == 1 and sum(c.floor for c in kept) == 1
     assert any(n.endswith(f"(backend={_FASTEST})") for n in names), names
+
+
+def test_interrupted_run_keeps_the_families_measured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A time limit that stops `python -m bench` with SIGINT (bench/gpu_report.sh's timeout)
+    leaves the JSON of every family measured before it, marked incomplete, and exit status 130."""
+    measured = []
+    real_measure = cli.measure
+
+    def measure(entries, *args, **kwargs):
+        if measured:  # the second family: the limit strikes
+            raise KeyboardInterrupt
+        measured.append(entries[0].family.name)
+        return real_measure(entries, *args, **kwargs)
+
+    monkeypatch.setattr(cli, "measure", measure)
+    out = tmp_path / "bench.json"
+    assert cli.main(["--device", "cpu", "--quick", "--family", "adam", "--family", "sgd", "--json", str(out)]) == 130
+    report = json.loads(out.read_text())
+    assert report["complete"] is False
+    assert measured == ["adam"] and report["results"]
+    assert {r["family"] for r in report["results"]} == {"adam"}
+    assert not (tmp_path / "bench.json.tmp").exists()
+
+    monkeypatch.setattr(cli, "measure", real_measure)
+    assert cli.main(["--device", "cpu", "--quick", "--family", "sgd", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["complete"] is True

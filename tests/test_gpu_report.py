@@ -89,3 +89,34 @@ def test_sanitize_step_runs_on_the_host_build() -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count(": ok") == 10
+
+
+def test_a_stage_past_its_limit_gets_sigint_and_keeps_its_log(tmp_path: Path) -> None:
+    """A stage that outlives its time limit is sent SIGINT, not SIGTERM, so that pytest can
+    still write its summary and bench its JSON: here a stand-in for `python -m lookahead_fused
+    check` that only a SIGINT stops cleanly, under a 12 s budget."""
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        'case " $* " in *" lookahead_fused check "*)\n'
+        "  sleep 100 </dev/null >/dev/null 2>&1 &\n"
+        "  trap 'kill $!; echo \"stopped by SIGINT\"; exit 3' INT\n"
+        "  trap 'kill $!; echo \"stopped by SIGTERM\"; exit 4' TERM\n"
+        '  echo "check started"; wait; echo "never interrupted"; exit 0 ;;\n'
+        "esac\n"
+        f'exec "{sys.executable}" "$@"\n'
+    )
+    fake.chmod(0o755)
+    out = tmp_path / "report"
+    env = {**os.environ, "PYTHON": str(fake), "GPU_REPORT_BUDGET": "12", "GIT_COMMIT": "f" * 40}
+    done = subprocess.run(
+        ["bash", str(SCRIPT), "--only", "check", str(out)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    log = (out / "03-check.log").read_text()
+    assert "check started" in log and "stopped by SIGINT" in log, log
+    report = json.loads((out / "report.json").read_text())
+    (stage,) = report["stages"]
+    assert stage["status"] == "timeout" and stage["rc"] == 124
+    assert report["commit"] in ("f" * 40, subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"],
+                                capture_output=True, text=True).stdout.strip())  # fmt: skip
