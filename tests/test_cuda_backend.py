@@ -400,3 +400,19 @@ def test_cuda_matches_reference_on_the_gpu(dtype) -> None:
             report = run_against_reference("cuda", variant, dtype, "cuda", grad_scaler=scaler)
             failures += [f"{variant.name} scaler={scaler}: {f}" for f in report.failures]
     assert not failures, "\n".join(failures[:20])
+
+
+def test_a_cpu_lr_tensor_beside_gpu_parameters_is_read_on_the_host() -> None:
+    """backends._compiled.host_lr, as cuda and triton call it: a CPU tensor lr for parameters
+    on a GPU is read on the host (a copy from pageable memory would wait for the GPU every
+    step), refused under capture (the graph would keep its value); a tensor on the parameters'
+    device is left to the kernel; a float is a float."""
+    from lookahead_fused.backends._compiled import host_lr
+
+    gpu = torch.device("cuda", 0)  # only compared, never touched
+    lr = torch.tensor(0.125)
+    assert host_lr(lr, gpu, capturing=False) == 0.125
+    with pytest.raises(RuntimeError, match="lr is a CPU tensor: a CUDA graph would keep its value"):
+        host_lr(lr, gpu, capturing=True)
+    assert host_lr(lr, CPU, capturing=True) is None  # the kernel reads it where it lives
+    assert host_lr(0.5, gpu, capturing=True) == 0.5

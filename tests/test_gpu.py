@@ -6,6 +6,7 @@ skip with the reason "needs a CUDA GPU".
   backend, equals the same steps run eagerly, bit for bit;
 - a real capture refuses a gradient that moved since the warm-up, with the clear error;
 - the same capture with LOOKAHEAD_FUSED_SYNC_CHECK=1 (no synchronise inside the capture);
+- a CPU tensor lr read on the host (no copy that waits for the GPU), refused under capture;
 - every GPU backend against the reference on cuda, fp32 and bf16, with and without GradScaler
   (a sample of the variants; `python -m lookahead_fused check --device cuda` runs them all);
 - the cuda backend's tables over many steps with `zero_grad(set_to_none=True)` (new gradient
@@ -125,6 +126,26 @@ def test_graph_capture_with_sync_check() -> None:
         env={**os.environ, "LOOKAHEAD_FUSED_SYNC_CHECK": "1"}, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0 and "replay equals eager" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("backend", ("cuda", "triton"))
+def test_a_cpu_lr_tensor_is_read_on_the_host_and_refused_under_capture(backend: str) -> None:
+    _usable(backend)
+    results = []
+    for lr in (0.01, torch.tensor(0.01)):
+        torch.manual_seed(0)
+        p = torch.randn(1000, device="cuda", requires_grad=True)
+        opt = LookaheadAdam([p], lr=lr, capturable=True, k=2, backend=backend)
+        for _ in range(3):
+            p.grad = torch.randn_like(p)
+            opt.step()
+        results.append(p.detach().clone())
+    assert torch.equal(results[0], results[1])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="lr is a CPU tensor"), torch.cuda.graph(graph, stream=side):
+        opt.step()
 
 
 def test_real_capture_refuses_a_moved_gradient() -> None:

@@ -113,3 +113,22 @@ def on_device(device: torch.device) -> contextlib.AbstractContextManager:
     restores the previous device only where that device has a context, so that a process that
     works on cuda:1 alone does not get a context (and its memory) on cuda:0 from our launches."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def host_lr(lr: float | Tensor, device: torch.device, capturing: bool) -> float | None:
+    """The learning rate as a float where the host reads it, or None where the kernel reads
+    the tensor on the device. A tensor lr on the CPU beside parameters on a GPU is read on the
+    host, as torch's fused optimizers read it (`.item()` of a CPU tensor waits for nothing),
+    not copied to the device: a copy from pageable memory would wait for the GPU's stream
+    every step. Under CUDA-graph capture its value would be frozen into the graph: refused,
+    before anything is launched."""
+    if not isinstance(lr, Tensor):
+        return float(lr)
+    if lr.device.type == "cpu" and device.type != "cpu":
+        if capturing:
+            raise RuntimeError(
+                "lr is a CPU tensor: a CUDA graph would keep its value at capture; put the lr tensor "
+                f"on the parameters' device ({device})"
+            )
+        return float(lr)
+    return None

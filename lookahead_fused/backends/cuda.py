@@ -61,7 +61,7 @@ from .._buckets import Bucket
 from . import foreach
 from ._capture import capture_error, describe, keep_captured
 from ._capture import capturing as capturing_now
-from ._compiled import check_bucket, fallback_reasons, grad_scratch, on_device, record, set_bucket_args
+from ._compiled import check_bucket, fallback_reasons, grad_scratch, host_lr, on_device, record, set_bucket_args
 
 try:
     from .. import _C  # type: ignore[attr-defined]  # compiled (pybind11): mypy sees no module
@@ -293,12 +293,13 @@ def _launch_args(
     set_bucket_args(a, kind, group, b)
     a.lookahead_step = b.flat["lookahead_step"].data_ptr()
     lr = group["lr"]
-    if isinstance(lr, Tensor):  # read by the kernel: capturable, and no host sync
+    value = host_lr(lr, b.device, capturing)
+    if value is None:  # a tensor on a device, read by the kernel: capturable, and no host sync
         if lr.device != b.device or lr.dtype not in (torch.float32, torch.float64):
             lr = _lr_on_device(b, lr)
         a.lr_ptr, a.lr_is_double = lr.data_ptr(), lr.dtype == torch.float64
     else:
-        a.lr = float(lr)
+        a.lr = value
     a.grad_scale_ptr = _device_scalar(grad_scale, b, "grad_scale")
     a.found_inf_ptr = _device_scalar(found_inf, b, "found_inf")
     a.alpha, a.k = group["alpha"], group["k"]

@@ -50,7 +50,7 @@ from .. import reference
 from .._buckets import STATE_ALIGNMENT, Bucket
 from . import foreach
 from ._capture import capture_error, capturing, describe, keep_captured
-from ._compiled import check_bucket, fallback_reasons, grad_scratch, on_device, record
+from ._compiled import check_bucket, fallback_reasons, grad_scratch, host_lr, on_device, record
 
 try:
     import triton
@@ -255,7 +255,8 @@ class _Launch:
         momentum_key = reference.MOMENTUM_KEY[kind]
         state = lambda key: flat.get(key, zero)  # noqa: E731  absent entries are never dereferenced
         lr = group["lr"]
-        lr_on_device = on_device and isinstance(lr, Tensor)
+        host_value = host_lr(lr, device, capture)  # None: a tensor on a device
+        lr_on_device = on_device and host_value is None
         lr_value = 0.0 if lr_on_device else float(lr)  # a tensor lr is read here on the host path
         beta1, beta2 = group.get("betas", (0.0, 0.0))
         momentum = group.get("momentum", 0.0)
