@@ -21,7 +21,9 @@
 #   racecheck  compute-sanitizer --tool racecheck on the same, fp32 only
 #   bench      python -m bench --set resnet152 (CUDA events, graph replay), few repetitions
 # The whole run is bounded by GPU_REPORT_BUDGET seconds (default 470, for an 8-minute slot):
-# a stage gets the smaller of its limit and what is left; with under 10 s left it is skipped.
+# a stage gets its own limit plus what the stages before it left unused (what is left of the
+# budget less the limits of the selected stages after it), never more than what is left; with
+# under 10 s left it is skipped.
 # A stage past its limit gets SIGINT (then SIGKILL 15 s later): pytest still writes its summary
 # and pytest.xml, bench and check keep the JSON of what they measured.
 # The commit is read with git, or from GIT_COMMIT where the tree has no .git (a copied tree).
@@ -166,7 +168,12 @@ for s in "${STAGES[@]}"; do
   selected "$s" || continue
   log="$OUTDIR/$(printf '%02d' "$n")-$s.log"
   left=$((BUDGET - ($(date +%s) - START)))
+  reserve=0 # the limits of the selected stages after this one
+  for later in "${STAGES[@]:$n}"; do
+    selected "$later" && reserve=$((reserve + LIMIT[$later]))
+  done
   limit=${LIMIT[$s]}
+  [ $((left - reserve)) -gt "$limit" ] && limit=$((left - reserve))
   [ "$left" -lt "$limit" ] && limit=$left
   if [ "$limit" -lt 10 ]; then
     echo "== $s: skipped (${left}s of the budget left)"

@@ -120,3 +120,18 @@ def test_a_stage_past_its_limit_gets_sigint_and_keeps_its_log(tmp_path: Path) ->
     assert stage["status"] == "timeout" and stage["rc"] == 124
     assert report["commit"] in ("f" * 40, subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"],
                                 capture_output=True, text=True).stdout.strip())  # fmt: skip
+
+
+def test_time_a_stage_leaves_unused_goes_to_the_next(tmp_path: Path) -> None:
+    """A stage's limit is its own plus what the stages before it left unused, keeping the
+    limits of the stages after it in reserve: versions (20 s of its own) may use the whole
+    budget but memcheck's 30 s, and memcheck (no compute-sanitizer here: it fails at once)
+    gets what is left, more than its own 30 s."""
+    out = tmp_path / "report"
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_REPORT_BUDGET": "200"}
+    done = subprocess.run(["bash", str(SCRIPT), "--only", "versions,memcheck", str(out)],
+                          capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    by_stage = {s["stage"]: s for s in report["stages"]}
+    assert by_stage["versions"]["limit_s"] == 200 - 30, done.stdout
+    assert 30 < by_stage["memcheck"]["limit_s"] <= 200 - by_stage["versions"]["seconds"], done.stdout
