@@ -107,7 +107,7 @@ def set_bucket_args(a: Any, kind: str, group: dict[str, Any], b: Bucket) -> None
         (a.beta1, a.beta2), a.eps, a.amsgrad = group["betas"], group["eps"], group["amsgrad"]
 
 
-def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+def device_scope(device: torch.device) -> contextlib.AbstractContextManager:
     """Launches (and the torch ops around them) go to this device and its current stream, not
     to whichever device is current. torch's guard, not only the one in csrc/cuda: on leaving, it
     restores the previous device only where that device has a context, so that a process that

@@ -61,7 +61,7 @@ from .._buckets import Bucket
 from . import foreach
 from ._capture import capture_error, describe, keep_captured
 from ._capture import capturing as capturing_now
-from ._compiled import check_bucket, fallback_reasons, grad_scratch, host_lr, on_device, record, set_bucket_args
+from ._compiled import check_bucket, device_scope, fallback_reasons, grad_scratch, host_lr, record, set_bucket_args
 
 try:
     from .. import _C  # type: ignore[attr-defined]  # compiled (pybind11): mypy sees no module
@@ -178,7 +178,7 @@ def run_step(
     launches = [
         _launch_args(target, kind, group, b, gs, grad_scale, found_inf, capturing) for b, gs in zip(buckets, grads)
     ]
-    with on_device(buckets[0].device):
+    with device_scope(buckets[0].device):
         if group.get("adaptive_alpha", False):
             _adaptive_step(target, group, buckets, launches, capturing)
         else:

@@ -50,7 +50,7 @@ from .. import reference
 from .._buckets import STATE_ALIGNMENT, Bucket
 from . import foreach
 from ._capture import capture_error, capturing, describe, keep_captured
-from ._compiled import check_bucket, fallback_reasons, grad_scratch, host_lr, on_device, record
+from ._compiled import check_bucket, device_scope, fallback_reasons, grad_scratch, host_lr, record
 
 try:
     import triton
@@ -213,7 +213,7 @@ def _alpha_hat(group: dict[str, Any], launches: list[_Launch]) -> list[Tensor]:
     partials in bucket order (one reduction of one tensor: the same sum every time), and
     returned as one copy per launch on that launch's device."""
     device = launches[0].bucket.device
-    with on_device(device):
+    with device_scope(device):
         sums = torch.cat([launch.partials.to(device) for launch in launches]).sum(0)
         g_dot_d, d_a_d = sums[0], sums[1]
         alpha_hat = (1 + g_dot_d / d_a_d).clamp(group["alpha_low"], 1.0)
@@ -307,7 +307,7 @@ class _Launch:
             self.kind, self.group, self.bucket.dtype, grad_scale=self.grad_scale, lr_on_device=self.lr_on_device,
             phase=phase, mode=mode, aligned=self.aligned, block=_block(self.bucket),
         )  # fmt: skip
-        with on_device(self.bucket.device):
+        with device_scope(self.bucket.device):
             kernels.lookahead_step_kernel[(programs,)](
                 **self.pointers,
                 alpha_ptr=self.found_inf if alpha is None else alpha,
@@ -322,7 +322,7 @@ class _Launch:
         if n == 0:
             return
         flat = self.bucket.flat
-        with on_device(self.bucket.device):
+        with device_scope(self.bucket.device):
             kernels.advance_counters_kernel[(triton.cdiv(n, COUNTER_BLOCK),)](
                 flat["step"], flat["lookahead_step"], self.grad_addresses, self.found_inf, n, self.k,
                 **counter_constexprs(self.group, mode),
