@@ -134,8 +134,6 @@ def test_time_a_stage_leaves_unused_goes_to_the_next(tmp_path: Path) -> None:
     report = json.loads((out / "report.json").read_text())
     by_stage = {s["stage"]: s for s in report["stages"]}
     assert by_stage["versions"]["limit_s"] == 200 - 30, done.stdout
-    # What is left of the budget, in the script's whole seconds (`date +%s`): within a few seconds of 200 − elapsed.
+    # What is left of the budget, in the script's whole seconds (`date +%s`): 200 − elapsed, give or take.
     left = 200 - by_stage["versions"]["seconds"]
-    assert 30 < by_stage["memcheck"]["limit_s"] <= 200 and abs(by_stage["memcheck"]["limit_s"] - left) <= 1.5, (
-        done.stdout
-    )
+    assert 30 < by_stage["memcheck"]["limit_s"] <= 200 and abs(by_stage["memcheck"]["limit_s"] - left) <= 3, done.stdout
