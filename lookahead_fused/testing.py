@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from ._buckets import COUNTER_KEYS
 from .optimizers import LookaheadAdam, LookaheadAdamW, LookaheadSGD
 
 TOLERANCES: dict[torch.dtype, dict[str, float]] = {
@@ -188,10 +189,16 @@ def state_tolerances(param_dtype: torch.dtype, state: Tensor) -> tuple[dict[str,
     if not state.is_floating_point():
         return {"atol": 0.0, "rtol": 0.0}, None
     math = torch.float64 if param_dtype == torch.float64 else torch.float32
-    stored = min(state.dtype, math, key=_precision_rank)
-    if _precision_rank(param_dtype) < _precision_rank(stored):
-        return TOLERANCES[param_dtype], TOLERANCES[stored]
-    return TOLERANCES[stored], None
+    return _held_to(min(state.dtype, math, key=_precision_rank), param_dtype)
+
+
+def _held_to(own: torch.dtype, source: torch.dtype) -> tuple[dict[str, float], dict[str, float] | None]:
+    """The tolerances of a tensor stored in `own` whose values also come through `source`:
+    where `source` is the less precise, every element at its tolerance and at least
+    MOST_WITHIN of them at `own`'s; else `own`'s for every element."""
+    if _precision_rank(source) < _precision_rank(own):
+        return TOLERANCES[source], TOLERANCES[own]
+    return TOLERANCES[own], None
 
 
 def param_tolerances(
@@ -204,15 +211,14 @@ def param_tolerances(
     sync (another order of fp32 operations) can round to the neighbouring bf16 value; with the
     state in bf16/fp16, its update carries the state's rounding. Then every element is held to
     that dtype's tolerance and at least MOST_WITHIN of them to the parameter's own (measured:
-    one element of 65,875 after a sync at α̂ = 1, tests/test_fuzz.py)."""
+    one element of 65,875 after a sync at α̂ = 1, tests/test_fuzz.py). The fp32 counters are
+    not such storage: they hold no element's value."""
     param_dtype = param_dtype.to_real()
     stored = param_dtype
-    for value in state.values():
-        if isinstance(value, Tensor) and (value.is_floating_point() or value.is_complex()):
+    for key, value in state.items():
+        if key not in COUNTER_KEYS and isinstance(value, Tensor) and (value.is_floating_point() or value.is_complex()):
             stored = min(stored, value.dtype.to_real(), key=_precision_rank)
-    if _precision_rank(stored) < _precision_rank(param_dtype):
-        return TOLERANCES[stored], TOLERANCES[param_dtype]
-    return TOLERANCES[param_dtype], None
+    return _held_to(param_dtype, stored)
 
 
 def reference_states(kind: str, params: list[Tensor], hyper: dict[str, Any]) -> list[dict[str, Any]]:
